@@ -1,0 +1,362 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+
+	"github.com/multilanes/lanes/migrator"
+	"github.com/multilanes/lanes/notifier"
+)
+
+// Config tunes a Runtime. The zero value is valid.
+type Config struct {
+	// Logger receives the runtime's events. Default: no logging.
+	Logger zerolog.Logger
+	// Notifier tunes the LISTEN connection. Its Channel is always the Migrator's and its Logger
+	// is Logger.
+	Notifier notifier.Config
+	// TakeoverInterval is how often a replica that is not applying a pending background lane
+	// tries that lane's lock (±20 % jitter), so that it takes the lane over when the replica
+	// applying it dies. Each try costs two short queries on one kept connection, and only while
+	// the lane is pending. Default: 2s.
+	TakeoverInterval time.Duration
+	// RetryMin and RetryMax bound the backoff between retries of a migration that failed with
+	// a transient error (serialization failure, deadlock, lock timeout, lost connection).
+	// Defaults: 1s and 1m.
+	RetryMin, RetryMax time.Duration
+}
+
+// Runtime is what a service embeds: Start applies the blocking lanes and returns once the
+// replica may serve; background lanes are then applied by whichever replica wins each lane's
+// lock, while every replica learns of their progress through one LISTEN connection. A Runtime's
+// methods are safe for concurrent use.
+type Runtime struct {
+	m     *migrator.Migrator
+	cfg   Config
+	log   zerolog.Logger
+	lanes []migrator.LaneInfo
+
+	listener *notifier.Listener
+	pool     *pgxpool.Pool
+
+	mu      sync.Mutex
+	state   map[string]*laneState
+	changed chan struct{} // closed and replaced on every state change
+	ready   bool
+	started bool
+	closed  bool
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+}
+
+type laneState struct {
+	status migrator.LaneStatus
+	done   chan struct{} // closed once status.Done()
+}
+
+// New returns a Runtime for the Migrator's lanes. It does not connect.
+func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
+	if m == nil {
+		return nil, errors.New("app: nil migrator")
+	}
+	if cfg.TakeoverInterval <= 0 {
+		cfg.TakeoverInterval = 2 * time.Second
+	}
+	if cfg.RetryMin <= 0 {
+		cfg.RetryMin = time.Second
+	}
+	if cfg.RetryMax < cfg.RetryMin {
+		cfg.RetryMax = max(time.Minute, cfg.RetryMin)
+	}
+	r := &Runtime{m: m, cfg: cfg, log: cfg.Logger, lanes: m.Lanes(), state: map[string]*laneState{}, changed: make(chan struct{})}
+	for _, l := range r.lanes {
+		r.state[l.Name] = &laneState{
+			status: migrator.LaneStatus{Name: l.Name, Mode: l.Mode.String(), VersionTable: l.VersionTable, Latest: l.Latest, State: migrator.StatePending},
+			done:   make(chan struct{}),
+		}
+	}
+	ncfg := cfg.Notifier
+	ncfg.Channel = m.Channel()
+	ncfg.Logger = cfg.Logger.With().Str("component", "notifier").Logger()
+	l, err := notifier.New(m.ConnConfig(), ncfg, r.sync)
+	if err != nil {
+		return nil, fmt.Errorf("app: %w", err)
+	}
+	r.listener = l
+	return r, nil
+}
+
+// Start makes the replica ready: it LISTENs and reads the lanes' state first (so no completion
+// can slip between the read and the LISTEN), then applies the blocking lanes in order, waiting
+// for another replica that holds a lane's lock; then it starts applying the background lanes
+// in goroutines the Runtime owns and returns. It returns an error, and leaves nothing running,
+// when the database cannot be reached or a blocking lane fails. Start may be called once.
+func (r *Runtime) Start(ctx context.Context) error {
+	r.mu.Lock()
+	if r.started || r.closed {
+		r.mu.Unlock()
+		return errors.New("app: Start called twice or after Close")
+	}
+	r.started = true
+	r.mu.Unlock()
+
+	pcfg, err := pgxpool.ParseConfig("")
+	if err != nil {
+		return fmt.Errorf("app: %w", err)
+	}
+	pcfg.ConnConfig = r.m.ConnConfig()
+	pcfg.MaxConns, pcfg.MinConns, pcfg.MaxConnIdleTime = 2, 0, time.Minute
+	if r.pool, err = pgxpool.NewWithConfig(ctx, pcfg); err != nil {
+		return fmt.Errorf("app: %w", err)
+	}
+	if err := r.listener.Start(ctx); err != nil {
+		r.pool.Close()
+		return fmt.Errorf("app: %w", err)
+	}
+	for _, l := range r.lanes {
+		if l.Mode != migrator.Blocking {
+			continue
+		}
+		res, err := r.m.Migrate(ctx, l.Name)
+		if err != nil {
+			r.listener.Stop()
+			r.pool.Close()
+			return fmt.Errorf("app: blocking %w", err)
+		}
+		r.applied(res)
+	}
+	bctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	r.mu.Lock()
+	r.ready, r.cancel = true, cancel
+	r.mu.Unlock()
+	r.log.Info().Msg("blocking lanes applied; replica ready")
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		r.runBackground(bctx)
+	}()
+	return nil
+}
+
+// Close stops the background lanes (a running migration is cancelled: its transaction rolls back
+// and its lane lock is released) and the listener, and waits for every goroutine the Runtime
+// started. It is idempotent.
+func (r *Runtime) Close() error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil
+	}
+	r.closed = true
+	cancel := r.cancel
+	r.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	r.wg.Wait()
+	r.listener.Stop()
+	if r.pool != nil {
+		r.pool.Close()
+	}
+	return nil
+}
+
+// Ready reports whether the blocking lanes are applied.
+func (r *Runtime) Ready() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ready
+}
+
+// IsDone reports whether every migration of the lane known to this binary is applied.
+// It is false for an unknown lane.
+func (r *Runtime) IsDone(lane string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s, ok := r.state[lane]
+	return ok && s.status.Done()
+}
+
+// Done returns a channel closed once the lane is done. For an unknown lane the channel is never
+// closed.
+func (r *Runtime) Done(lane string) <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if s, ok := r.state[lane]; ok {
+		return s.done
+	}
+	return make(chan struct{})
+}
+
+// Version returns the lane's applied version as last read from the database.
+func (r *Runtime) Version(lane string) int32 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if s, ok := r.state[lane]; ok {
+		return s.status.Version
+	}
+	return 0
+}
+
+// FailedError is returned by WaitVersion when the migration it waits for failed with a permanent
+// error and this binary has the same file: waiting longer will not help until a deploy fixes
+// the migration.
+type FailedError struct {
+	Lane    string
+	Failure migrator.Failure
+	Err     string // the recorded error message
+}
+
+func (e *FailedError) Error() string {
+	return fmt.Sprintf("lane %q: migration %s failed: %s", e.Lane, e.Failure.File, e.Err)
+}
+
+// WaitVersion blocks until the lane has reached version (or later), ctx is done, or a migration
+// the wait depends on has failed permanently (a *FailedError). It returns at once when the
+// version is already reached. It costs no query: it waits for the listener's updates.
+func (r *Runtime) WaitVersion(ctx context.Context, lane string, version int32) error {
+	for {
+		r.mu.Lock()
+		s, ok := r.state[lane]
+		if !ok {
+			r.mu.Unlock()
+			return fmt.Errorf("app: lane %q: %w", lane, migrator.ErrUnknownLane)
+		}
+		st, changed := s.status, r.changed
+		r.mu.Unlock()
+		if st.Version >= version {
+			return nil
+		}
+		if f := st.Failure; f != nil && f.Version <= version && r.blockedByFailure(r.laneInfo(lane), st) {
+			return &FailedError{Lane: lane, Failure: *f, Err: st.Error}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("app: wait for lane %q version %d (at %d): %w", lane, version, st.Version, ctx.Err())
+		case <-changed:
+		}
+	}
+}
+
+// Wait blocks until the lane is done (WaitVersion with the lane's latest version).
+func (r *Runtime) Wait(ctx context.Context, lane string) error {
+	return r.WaitVersion(ctx, lane, r.laneInfo(lane).Latest)
+}
+
+func (r *Runtime) laneInfo(lane string) migrator.LaneInfo {
+	for _, l := range r.lanes {
+		if l.Name == lane {
+			return l
+		}
+	}
+	return migrator.LaneInfo{Name: lane}
+}
+
+// Status is a replica's view: the lanes read fresh from the database, plus this replica's state.
+type Status struct {
+	Lanes    []migrator.LaneStatus `json:"lanes"`
+	Ready    bool                  `json:"ready"`
+	Listener notifier.Mode         `json:"listener"`
+}
+
+// Status reads the lanes' state from the database (two short queries on a small pool).
+func (r *Runtime) Status(ctx context.Context) (Status, error) {
+	st := Status{Ready: r.Ready(), Listener: r.listener.Mode()}
+	if r.pool == nil {
+		return st, errors.New("app: not started")
+	}
+	lanes, err := r.m.Status(ctx, r.pool)
+	if err != nil {
+		return st, fmt.Errorf("app: %w", err)
+	}
+	st.Lanes = lanes
+	return st, nil
+}
+
+// Listener returns the Runtime's LISTEN connection, for its mode and counters.
+func (r *Runtime) Listener() *notifier.Listener { return r.listener }
+
+// sync is the listener's handler: it re-reads the lanes' state from the database on every
+// (re)connect, notification and polling tick. A payload is never trusted: one that does not
+// parse as an Event is ignored without a query, one that does only triggers the re-read.
+func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notification) error {
+	via := "connect"
+	if n != nil {
+		ev, err := migrator.ParseEvent(n.Payload)
+		if err != nil {
+			r.log.Debug().Err(err).Int("bytes", len(n.Payload)).Msg("ignoring a notification that is not a lanes event")
+			return nil
+		}
+		via = "notification"
+		r.log.Debug().Str("lane", ev.Lane).Int32("version", ev.Version).Msg("notification received")
+	} else if r.listener != nil && r.listener.Mode() == notifier.ModePolling {
+		via = "poll"
+	}
+	lanes, err := r.m.Status(ctx, conn)
+	if err != nil {
+		return err
+	}
+	r.update(lanes, via)
+	return nil
+}
+
+// applied records what this replica's own Migrate call did, without waiting for the listener.
+func (r *Runtime) applied(res migrator.Result) {
+	r.mu.Lock()
+	s := r.state[res.Lane]
+	st := s.status
+	r.mu.Unlock()
+	if res.To > st.Version {
+		st.Version = res.To
+		st.Failure, st.Error = nil, ""
+		if st.Version >= st.Latest {
+			st.State = migrator.StateDone
+		}
+		r.update([]migrator.LaneStatus{st}, "applied")
+	}
+}
+
+// update stores lane states, closes the Done channels of lanes that are now done and wakes
+// every waiter. A lane's version never goes backwards here: a stale read cannot undo a later one.
+func (r *Runtime) update(lanes []migrator.LaneStatus, via string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	changed := false
+	for _, st := range lanes {
+		s, ok := r.state[st.Name]
+		if !ok {
+			continue
+		}
+		if st.Version < s.status.Version {
+			st.Version = s.status.Version
+		}
+		if st.Version != s.status.Version || st.Error != s.status.Error || st.State != s.status.State || st.Locked != s.status.Locked {
+			changed = true
+		}
+		wasDone := s.status.Done()
+		s.status = st
+		if st.Done() && !wasDone {
+			close(s.done)
+			r.log.Info().Str("lane", st.Name).Int32("version", st.Version).Str("via", via).Msg("lane done")
+		}
+	}
+	if changed {
+		close(r.changed)
+		r.changed = make(chan struct{})
+	}
+}
+
+// laneStatus returns the cached state of a lane.
+func (r *Runtime) laneStatus(lane string) (migrator.LaneStatus, <-chan struct{}) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.state[lane].status, r.changed
+}

@@ -1,0 +1,152 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/multilanes/lanes/migrator"
+)
+
+// runBackground applies the background lanes in order: a lane starts only once the lanes before
+// it are done in the database, whichever replica applied them.
+func (r *Runtime) runBackground(ctx context.Context) {
+	var conn *pgx.Conn
+	defer func() {
+		if conn != nil {
+			cctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			_ = conn.Close(cctx) // nothing is left to do on this connection
+		}
+	}()
+	for _, l := range r.lanes {
+		if l.Mode != migrator.Background {
+			continue
+		}
+		if err := r.runLane(ctx, &conn, l); err != nil {
+			return // stopped
+		}
+	}
+	r.log.Info().Msg("background lanes done")
+}
+
+// runLane returns once the lane is done, or ctx's error. This replica applies the lane when it
+// wins the lane's lock; otherwise it waits for the listener's updates and retries the lock every
+// TakeoverInterval, which is how it takes the lane over from a replica that died.
+func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneInfo) error {
+	retries := 0
+	for {
+		st, changed := r.laneStatus(l.Name)
+		if st.Done() {
+			return nil
+		}
+		if r.blockedByFailure(l, st) {
+			// A permanent failure of this very file: retrying cannot help. Wait until another
+			// replica (a fixed deploy) moves the lane on.
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-changed:
+				continue
+			}
+		}
+		if *conn == nil {
+			c, err := r.m.Connect(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				r.log.Warn().Err(err).Str("lane", l.Name).Msg("cannot connect to apply the lane; retrying")
+				if err := r.backoff(ctx, &retries); err != nil {
+					return err
+				}
+				continue
+			}
+			*conn = c
+		}
+		res, err := r.m.TryMigrateOn(ctx, *conn, l.Name)
+		if (*conn).IsClosed() {
+			*conn = nil
+		}
+		var me *migrator.MigrationError
+		switch {
+		case err == nil:
+			retries = 0
+			r.applied(res)
+			if res.Applied > 0 && res.To >= l.Latest {
+				r.log.Info().Str("lane", l.Name).Int32("version", res.To).Msg("background lane applied by this replica")
+			}
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case errors.Is(err, migrator.ErrLocked):
+			// Another replica is applying the lane: follow it through the listener, and try the
+			// lock now and then in case it died.
+			retries = 0
+			t := time.NewTimer(jitter(r.cfg.TakeoverInterval))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return ctx.Err()
+			case <-changed:
+			case <-t.C:
+			}
+			t.Stop()
+		case errors.As(err, &me) && !me.Transient():
+			r.log.Error().Err(err).Str("lane", l.Name).Str("file", me.File).
+				Msg("background migration failed; it is recorded and will not be retried until the file changes")
+			r.failed(l, me)
+		default:
+			r.log.Warn().Err(err).Str("lane", l.Name).Msg("background lane interrupted by a transient error; retrying with backoff")
+			if err := r.backoff(ctx, &retries); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// blockedByFailure reports whether the lane's last attempt failed permanently on the very file
+// this binary would run next (same checksum), so that running it again is pointless.
+func (r *Runtime) blockedByFailure(l migrator.LaneInfo, st migrator.LaneStatus) bool {
+	f := st.Failure
+	if f == nil || f.Transient || st.Locked || f.Version != st.Version+1 || int(f.Version) > len(l.Migrations) {
+		return false
+	}
+	return l.Migrations[f.Version-1].Checksum == f.Checksum
+}
+
+// failed records this replica's own permanent failure in its state at once, without waiting for
+// the notification, so the lane is not retried in the meantime.
+func (r *Runtime) failed(l migrator.LaneInfo, me *migrator.MigrationError) {
+	st, _ := r.laneStatus(l.Name)
+	st.State, st.Error = migrator.StateFailed, me.Error()
+	st.Failure = &migrator.Failure{Version: me.Version, File: me.File, SQLState: me.SQLState, Statement: me.Statement, At: time.Now()}
+	if int(me.Version) <= len(l.Migrations) {
+		st.Failure.Checksum = l.Migrations[me.Version-1].Checksum
+	}
+	r.update([]migrator.LaneStatus{st}, "failed")
+}
+
+// backoff sleeps for the next capped exponential delay with full jitter.
+func (r *Runtime) backoff(ctx context.Context, retries *int) error {
+	d := r.cfg.RetryMin << min(*retries, 20)
+	if d > r.cfg.RetryMax || d <= 0 {
+		d = r.cfg.RetryMax
+	}
+	*retries++
+	t := time.NewTimer(time.Duration(rand.Int64N(int64(d)) + 1))
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// jitter returns d changed by up to ±20 %.
+func jitter(d time.Duration) time.Duration {
+	return d - d/5 + time.Duration(rand.Int64N(int64(d)*2/5+1))
+}

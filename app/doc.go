@@ -1,0 +1,11 @@
+// Package app is the runtime a service embeds to use migration lanes.
+//
+// A Runtime LISTENs for lane events on one dedicated connection, applies the blocking lanes in
+// Start (so the replica reports ready only once they are applied), then applies the background
+// lanes in goroutines it owns on whichever replica wins each lane's lock. Every replica learns
+// of a lane's progress through the listener and re-reads the version tables before believing
+// it, so a feature can wait for a lane with Done, IsDone, Wait or WaitVersion.
+//
+// Lifecycle: New (no I/O), Start (fails fast, returns once ready), Close (idempotent, waits
+// for every goroutine). All methods are safe for concurrent use.
+package app

@@ -1,0 +1,196 @@
+package migrator
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Event is the JSON payload of a notification. It is a hint only: any role may NOTIFY any
+// channel, so a receiver re-reads the version tables before believing it.
+type Event struct {
+	Lane    string `json:"lane"`
+	Version int32  `json:"version"`
+	// Done is true when Version is the last migration known to the binary that applied it.
+	Done bool `json:"done,omitempty"`
+	// Error is set when a migration to Version failed.
+	Error string `json:"error,omitempty"`
+}
+
+// ParseEvent decodes a notification payload. Payloads that are not an Event return an error.
+func ParseEvent(payload string) (Event, error) {
+	var e Event
+	if len(payload) > 8000 {
+		return e, errors.New("payload too long")
+	}
+	if err := json.Unmarshal([]byte(payload), &e); err != nil {
+		return e, fmt.Errorf("decode event: %w", err)
+	}
+	if !laneNamePattern.MatchString(e.Lane) {
+		return e, fmt.Errorf("decode event: invalid lane %q", e.Lane)
+	}
+	return e, nil
+}
+
+func (e Event) payload() string {
+	if len(e.Error) > 1000 {
+		e.Error = e.Error[:1000]
+		for !utf8.ValidString(e.Error) {
+			e.Error = e.Error[:len(e.Error)-1]
+		}
+	}
+	b, _ := json.Marshal(e) // cannot fail: strings and numbers only
+	return string(b)
+}
+
+// apply runs one migration and records it: the statements, the version bump, the history row
+// and, when due, the notification, all in one transaction unless the migration is disable-tx.
+func (m *Migrator) apply(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration, start time.Time) error {
+	if mig.DisableTx {
+		if err := m.execute(ctx, conn, mig); err != nil {
+			return err
+		}
+		return m.inTx(ctx, conn, mig, func(tx pgx.Tx) error { return m.record(ctx, tx, l, mig, start) })
+	}
+	return m.inTx(ctx, conn, mig, func(tx pgx.Tx) error {
+		if err := m.execute(ctx, conn, mig); err != nil {
+			return err
+		}
+		return m.record(ctx, tx, l, mig, start)
+	})
+}
+
+// inTx runs f in a transaction and commits it, rolling back on any error (on a context that is
+// not cancelled, so a stop still rolls back cleanly).
+func (m *Migrator) inTx(ctx context.Context, conn *pgx.Conn, mig *Migration, f func(pgx.Tx) error) error {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return m.wrap(mig, statement{}, fmt.Errorf("begin: %w", err))
+	}
+	if err := f(tx); err != nil {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_ = tx.Rollback(rctx) // the error is the one that matters; a dead connection rolls back by itself
+		return err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return m.wrap(mig, statement{}, fmt.Errorf("commit: %w", err))
+	}
+	return nil
+}
+
+// execute runs the migration's statements one by one (so an error names its statement), or its
+// Go function.
+func (m *Migrator) execute(ctx context.Context, conn *pgx.Conn, mig *Migration) error {
+	if mig.Func != nil {
+		if err := mig.Func(ctx, conn); err != nil {
+			return m.wrap(mig, statement{}, err)
+		}
+		return nil
+	}
+	for _, st := range mig.statements {
+		if _, err := conn.Exec(ctx, st.SQL); err != nil {
+			return m.wrap(mig, st, err)
+		}
+	}
+	return nil
+}
+
+// wrap turns err into a *MigrationError naming the lane, the file, the statement and its line.
+func (m *Migrator) wrap(mig *Migration, st statement, err error) error {
+	var me *MigrationError
+	if errors.As(err, &me) {
+		return err
+	}
+	me = &MigrationError{Lane: mig.Lane, Version: mig.Version, File: mig.Name, Statement: st.SQL, Err: err}
+	if st.SQL != "" {
+		me.Line = mig.lineOffset + st.Line
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		me.SQLState = pgErr.Code
+		if st.SQL != "" && pgErr.Position > 0 {
+			// Position counts characters from 1 within the statement sent.
+			runes := []rune(st.SQL)
+			if p := int(pgErr.Position) - 1; p <= len(runes) {
+				me.Line += strings.Count(string(runes[:p]), "\n")
+			}
+		}
+	}
+	return me
+}
+
+// record bumps the lane's version, writes the history row and, when due, notifies: one round
+// trip, inside the migration's transaction. The version update only matches the expected
+// previous version, so a version table changed behind the lock is detected, not overwritten.
+func (m *Migrator) record(ctx context.Context, tx pgx.Tx, l *loadedLane, mig *Migration, start time.Time) error {
+	b := &pgx.Batch{}
+	b.Queue("reset all") // like tern: a migration's SET must not leak into the bookkeeping
+	b.Queue("update "+l.table.Quoted()+" set version = $1 where version = $2", mig.Version, mig.Version-1)
+	b.Queue("insert into "+m.history.Quoted()+` (lane, version, name, checksum, started_at, finished_at, host, pid, application_name)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9)`, l.Name, mig.Version, mig.Name, mig.Checksum, start, m.cfg.Now(), m.host, m.pid, m.appName)
+	last := mig.Version == l.latest()
+	if last || l.Mode == Background {
+		b.Queue("select pg_notify($1, $2)", m.cfg.Channel, Event{Lane: l.Name, Version: mig.Version, Done: last}.payload())
+	}
+	br := tx.SendBatch(ctx, b)
+	_, err := br.Exec()
+	var tag pgconn.CommandTag
+	if err == nil {
+		tag, err = br.Exec()
+	}
+	if err == nil && tag.RowsAffected() != 1 {
+		err = fmt.Errorf("version table %s is no longer at version %d: changed outside this lane's lock", l.table, mig.Version-1)
+	}
+	for i := 2; err == nil && i < b.Len(); i++ {
+		_, err = br.Exec()
+	}
+	if cerr := br.Close(); err == nil && cerr != nil {
+		err = cerr
+	}
+	if err != nil {
+		return m.wrap(mig, statement{}, fmt.Errorf("record version: %w", err))
+	}
+	return nil
+}
+
+// recordFailure writes the failed attempt to the history table and announces it, best effort:
+// when the connection is gone or the caller stopped, the failure is only returned.
+func (m *Migrator) recordFailure(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration, start time.Time, cause error) {
+	log := m.cfg.Logger.Error().Err(cause).Str("lane", l.Name).Int32("version", mig.Version).Str("file", mig.Name)
+	if ctx.Err() != nil || conn.IsClosed() {
+		log.Msg("migration stopped")
+		return
+	}
+	log.Bool("transient", IsTransient(cause)).Msg("migration failed")
+	var me *MigrationError
+	errors.As(cause, &me)
+	msg := cause.Error()
+	var sqlstate, stmt *string
+	if me != nil {
+		if me.SQLState != "" {
+			sqlstate = &me.SQLState
+		}
+		if me.Statement != "" {
+			stmt = &me.Statement
+		}
+	}
+	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "insert into "+m.history.Quoted()+` (lane, version, name, checksum, started_at, finished_at, host, pid, application_name, error, sqlstate, statement)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`, l.Name, mig.Version, mig.Name, mig.Checksum, start, m.cfg.Now(), m.host, m.pid, m.appName, msg, sqlstate, stmt); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, "select pg_notify($1, $2)", m.cfg.Channel, Event{Lane: l.Name, Version: mig.Version, Error: msg}.payload())
+		return err
+	})
+	if err != nil {
+		m.cfg.Logger.Warn().Err(err).Str("lane", l.Name).Msg("could not record the failure in the history table")
+	}
+}

@@ -1,0 +1,328 @@
+package migrator
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"path"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"testing/fstest"
+	"unicode/utf8"
+
+	"github.com/jackc/tern/v2/migrate"
+)
+
+// Mode says when a lane is applied.
+type Mode int
+
+const (
+	// Blocking lanes are applied before a replica reports ready.
+	Blocking Mode = iota
+	// Background lanes are applied after start-up, by one replica at a time.
+	Background
+)
+
+// String returns "blocking" or "background".
+func (m Mode) String() string {
+	switch m {
+	case Blocking:
+		return "blocking"
+	case Background:
+		return "background"
+	}
+	return "mode(" + strconv.Itoa(int(m)) + ")"
+}
+
+// ParseMode parses "blocking" or "background".
+func ParseMode(s string) (Mode, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "blocking", "fast":
+		return Blocking, nil
+	case "background", "slow":
+		return Background, nil
+	}
+	return 0, fmt.Errorf("unknown lane mode %q (want blocking or background)", s)
+}
+
+// GoMigration is a migration written in Go, registered on one lane of one Migrator (there is no
+// global registry). It takes the place of the file with the same version number.
+type GoMigration struct {
+	// Version is the migration's number in its lane, counted with the lane's files: numbers run
+	// from 1 without gaps across files and Go migrations together.
+	Version int32
+	// Name is a short title such as "load_example"; it is shown as "NNN_name.go".
+	Name string
+	// Up applies the migration. It runs inside the migration's transaction on conn (commit and
+	// rollback are the Migrator's) unless DisableTx is set. It must honour ctx.
+	Up migrate.MigrationFunc
+	// DisableTx runs Up outside a transaction, like a `---- tern: disable-tx ----` file. A
+	// failure then leaves whatever Up did; Up must be safe to run again.
+	DisableTx bool
+}
+
+// Lane describes one lane: a folder of tern-format migration files plus optional Go
+// migrations, applied against the lane's own version table.
+type Lane struct {
+	// Name identifies the lane: lower-case letters, digits and underscores, starting with a
+	// letter, at most 40 bytes.
+	Name string
+	// Mode is Blocking or Background.
+	Mode Mode
+	// VersionTable is the tern-format version table of the lane, optionally schema-qualified
+	// ("schema.table"). Default: "lanes_<name>_version". Each part is quoted as an identifier.
+	VersionTable string
+	// FS holds the lane's files at its root: NNN_title.sql numbered from 1 with no gaps, and
+	// shared templates in subfolders, exactly as tern reads a folder. Nil when the lane has only
+	// Go migrations.
+	FS fs.FS
+	// Funcs are Go migrations registered on this lane.
+	Funcs []GoMigration
+	// Data is passed to the templates of the lane's files (tern's Migrator.Data).
+	Data map[string]any
+}
+
+// Migration is one loaded, rendered migration of a lane.
+type Migration struct {
+	// Lane is the name of the lane the migration belongs to.
+	Lane string
+	// Version is the lane version the database has once the migration is applied.
+	Version int32
+	// Name is the file name ("003_add_index.sql"), or "NNN_name.go" for a Go migration.
+	Name string
+	// SQL is the rendered up SQL of a file migration; empty for a Go migration.
+	SQL string
+	// Func is the Go function of a Go migration; nil for a file migration.
+	Func migrate.MigrationFunc
+	// DisableTx is true for files holding `---- tern: disable-tx ----` and Go migrations
+	// registered with DisableTx.
+	DisableTx bool
+	// Checksum is the hex SHA-256 of the rendered SQL (of "go:" and the name for Go migrations).
+	Checksum string
+
+	statements []statement
+	lineOffset int // lines trimmed from the top of the file before the up SQL
+}
+
+var (
+	laneNamePattern = regexp.MustCompile(`\A[a-z][a-z0-9_]{0,39}\z`)
+	fileNamePattern = regexp.MustCompile(`\A(\d+)_(.+)\.sql\z`)
+	disableTxMarker = regexp.MustCompile(`(?m)^---- tern: disable-tx ----$`)
+	goNamePattern   = regexp.MustCompile(`\A[A-Za-z0-9_]+\z`)
+)
+
+const upDownSeparator = "---- create above / drop below ----"
+
+// loadedLane is a validated lane with its migrations, ready to apply.
+type loadedLane struct {
+	Lane
+	table      tableName
+	migrations []*Migration
+}
+
+func (l *loadedLane) latest() int32 { return int32(len(l.migrations)) }
+
+// loadLane validates spec and loads its migrations. It touches no database.
+func loadLane(spec Lane) (*loadedLane, error) {
+	if !laneNamePattern.MatchString(spec.Name) {
+		return nil, &LoadError{Lane: spec.Name, Err: fmt.Errorf("invalid lane name %q: use lower-case letters, digits and underscores, starting with a letter, at most 40 bytes", spec.Name)}
+	}
+	if spec.Mode != Blocking && spec.Mode != Background {
+		return nil, &LoadError{Lane: spec.Name, Err: fmt.Errorf("invalid mode %d", spec.Mode)}
+	}
+	if spec.VersionTable == "" {
+		spec.VersionTable = "lanes_" + spec.Name + "_version"
+	}
+	table, err := parseTableName(spec.VersionTable)
+	if err != nil {
+		return nil, &LoadError{Lane: spec.Name, Err: err}
+	}
+	l := &loadedLane{Lane: spec, table: table}
+
+	// Collect the versions of files and Go migrations, reporting bad names, duplicates,
+	// version 0 and gaps ourselves: tern ignores bad names and panics on version 0.
+	owner := map[int32]string{}
+	files := map[int32]string{}
+	if spec.FS != nil {
+		entries, err := fs.ReadDir(spec.FS, ".")
+		if err != nil {
+			return nil, &LoadError{Lane: spec.Name, Err: fmt.Errorf("read folder: %w", err)}
+		}
+		for _, e := range entries {
+			if e.IsDir() || path.Ext(e.Name()) != ".sql" {
+				continue
+			}
+			m := fileNamePattern.FindStringSubmatch(e.Name())
+			if m == nil {
+				return nil, &LoadError{Lane: spec.Name, File: e.Name(), Err: errors.New("migration files must be named NNN_title.sql")}
+			}
+			n, err := strconv.ParseInt(m[1], 10, 32)
+			if err != nil || n < 1 {
+				return nil, &LoadError{Lane: spec.Name, File: e.Name(), Err: errors.New("migration numbers start at 1 and fit in int32")}
+			}
+			v := int32(n)
+			if prev, ok := owner[v]; ok {
+				return nil, &LoadError{Lane: spec.Name, File: e.Name(), Err: fmt.Errorf("duplicate migration %d (also %s)", v, prev)}
+			}
+			owner[v], files[v] = e.Name(), e.Name()
+		}
+	}
+	funcs := map[int32]GoMigration{}
+	for _, g := range spec.Funcs {
+		name := fmt.Sprintf("%03d_%s.go", g.Version, g.Name)
+		switch {
+		case g.Version < 1:
+			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("migration numbers start at 1")}
+		case !goNamePattern.MatchString(g.Name):
+			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("go migration names use letters, digits and underscores")}
+		case g.Up == nil:
+			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("go migration has no Up function")}
+		}
+		if prev, ok := owner[g.Version]; ok {
+			return nil, &LoadError{Lane: spec.Name, File: name, Err: fmt.Errorf("duplicate migration %d (also %s)", g.Version, prev)}
+		}
+		owner[g.Version], funcs[g.Version] = name, g
+	}
+	if len(owner) == 0 {
+		return nil, &LoadError{Lane: spec.Name, Err: errors.New("lane has no migrations")}
+	}
+	versions := make([]int32, 0, len(owner))
+	for v := range owner {
+		versions = append(versions, v)
+	}
+	slices.Sort(versions)
+	for i, v := range versions {
+		if v != int32(i+1) {
+			return nil, &LoadError{Lane: spec.Name, File: owner[v], Err: fmt.Errorf("missing migration %d: numbers run from 1 without gaps", i+1)}
+		}
+	}
+
+	rendered, err := renderFiles(spec, files, funcs)
+	if err != nil {
+		return nil, err
+	}
+	for _, v := range versions {
+		if g, ok := funcs[v]; ok {
+			sum := sha256.Sum256([]byte("go:" + owner[v]))
+			l.migrations = append(l.migrations, &Migration{Lane: spec.Name, Version: v, Name: owner[v], Func: g.Up, DisableTx: g.DisableTx, Checksum: hex.EncodeToString(sum[:])})
+			continue
+		}
+		mig := rendered[v]
+		if !utf8.ValidString(mig.SQL) {
+			return nil, &LoadError{Lane: spec.Name, File: mig.Name, Err: errors.New("file is not valid UTF-8")}
+		}
+		mig.statements = splitStatements(mig.SQL)
+		if len(mig.statements) == 0 {
+			return nil, &LoadError{Lane: spec.Name, File: mig.Name, Err: errors.New("no SQL statement above the down separator")}
+		}
+		l.migrations = append(l.migrations, mig)
+	}
+	return l, nil
+}
+
+// renderFiles renders the lane's files with tern's loader, so templates, shared templates in
+// subfolders and the up/down separator behave exactly as in tern. Go migrations take their
+// place in the sequence through placeholder files that tern never executes.
+func renderFiles(spec Lane, files map[int32]string, funcs map[int32]GoMigration) (map[int32]*Migration, error) {
+	out := map[int32]*Migration{}
+	if len(files) == 0 {
+		return out, nil
+	}
+	fsys := spec.FS
+	if len(funcs) > 0 {
+		overlay := overlayFS{base: spec.FS, extra: fstest.MapFS{}}
+		for v, g := range funcs {
+			overlay.extra[fmt.Sprintf("%d_%s.sql", v, g.Name)] = &fstest.MapFile{Data: []byte("select 1 -- placeholder for a go migration")}
+		}
+		fsys = overlay
+	}
+	tm, err := migrate.NewMigrator(context.Background(), nil, spec.VersionTable)
+	if err != nil {
+		return nil, &LoadError{Lane: spec.Name, Err: err}
+	}
+	for k, v := range spec.Data {
+		tm.Data[k] = v
+	}
+	if err := tm.LoadMigrations(fsys); err != nil {
+		le := &LoadError{Lane: spec.Name, Err: err}
+		// tern names the file in template errors as "NNN_title.sql up"; lift it out.
+		for _, name := range files {
+			if strings.Contains(err.Error(), name) {
+				le.File = name
+			}
+		}
+		return nil, le
+	}
+	for _, tmig := range tm.Migrations {
+		name, ok := files[tmig.Sequence]
+		if !ok {
+			continue
+		}
+		raw, err := fs.ReadFile(spec.FS, name)
+		if err != nil {
+			return nil, &LoadError{Lane: spec.Name, File: name, Err: err}
+		}
+		up, _, _ := strings.Cut(string(raw), upDownSeparator)
+		lead := len(up) - len(strings.TrimLeft(up, " \t\r\n"))
+		sum := sha256.Sum256([]byte(tmig.UpSQL))
+		out[tmig.Sequence] = &Migration{
+			Lane:       spec.Name,
+			Version:    tmig.Sequence,
+			Name:       name,
+			SQL:        tmig.UpSQL,
+			DisableTx:  disableTxMarker.MatchString(tmig.UpSQL),
+			Checksum:   hex.EncodeToString(sum[:]),
+			lineOffset: strings.Count(up[:lead], "\n"),
+		}
+	}
+	return out, nil
+}
+
+// overlayFS adds files to the root of a base file system.
+type overlayFS struct {
+	base  fs.FS
+	extra fstest.MapFS
+}
+
+func (o overlayFS) Open(name string) (fs.File, error) {
+	if name == "." {
+		return o, nil
+	}
+	if _, ok := o.extra[name]; ok {
+		return o.extra.Open(name)
+	}
+	if o.base == nil {
+		return nil, &fs.PathError{Op: "open", Path: name, Err: fs.ErrNotExist}
+	}
+	return o.base.Open(name)
+}
+
+func (o overlayFS) ReadDir(name string) ([]fs.DirEntry, error) {
+	var entries []fs.DirEntry
+	if o.base != nil {
+		base, err := fs.ReadDir(o.base, name)
+		if err != nil && (name != "." || !errors.Is(err, fs.ErrNotExist)) {
+			return nil, err
+		}
+		entries = base
+	}
+	if name == "." {
+		extra, err := fs.ReadDir(o.extra, ".")
+		if err != nil {
+			return nil, err
+		}
+		entries = append(entries, extra...)
+		slices.SortFunc(entries, func(a, b fs.DirEntry) int { return strings.Compare(a.Name(), b.Name()) })
+	}
+	return entries, nil
+}
+
+// The root of an overlayFS is a directory; these make it an fs.File and fs.ReadDirFile.
+func (o overlayFS) Stat() (fs.FileInfo, error) { return fs.Stat(o.extra, ".") }
+func (o overlayFS) Read([]byte) (int, error)   { return 0, errors.New("is a directory") }
+func (o overlayFS) Close() error               { return nil }

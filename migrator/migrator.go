@@ -1,0 +1,338 @@
+package migrator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
+	"github.com/rs/zerolog"
+)
+
+// DefaultChannel is the channel a lane's completion is announced on.
+const DefaultChannel = "lanes_done"
+
+// DefaultHistoryTable is the table recording every applied or failed migration.
+const DefaultHistoryTable = "lanes_history"
+
+// Config tunes a Migrator. The zero value is valid: every field has a default.
+type Config struct {
+	// HistoryTable records each applied migration and each failed attempt, for all lanes.
+	// Optionally schema-qualified. Default: DefaultHistoryTable.
+	HistoryTable string
+	// Channel is the NOTIFY channel. Default: DefaultChannel.
+	Channel string
+	// LockPollInterval is how often Migrate retries a lane lock held by another session
+	// (pg_try_advisory_lock, ±20 % jitter), re-reading the lane's version in between so it
+	// returns as soon as the holder has finished. Default: 200ms.
+	LockPollInterval time.Duration
+	// Logger receives one line per applied migration and warnings. Default: no logging.
+	Logger zerolog.Logger
+	// Now returns the time recorded in the history table. Default: time.Now.
+	Now func() time.Time
+}
+
+// Migrator applies lanes of migrations to one database. Each lane has its own version table
+// and its own advisory lock, so lanes never wait for each other's locks; within a lane only one
+// session applies migrations at a time.
+//
+// A Migrator holds no connection between calls and is safe for concurrent use: each Migrate
+// call opens its own dedicated connection.
+type Migrator struct {
+	connConfig *pgx.ConnConfig
+	lanes      []*loadedLane
+	byName     map[string]*loadedLane
+	history    tableName
+	cfg        Config
+	host       string
+	pid        int32
+	appName    string
+	status     statusQuery
+}
+
+// New loads and validates every lane (names, numbering, templates, UTF-8) before touching the
+// database; it returns a *LoadError for the first problem. Lanes are applied in the order
+// given, and blocking lanes must come before background ones. connConfig is copied; runtime
+// parameters are added to the copy (application_name "lanes" when unset, and
+// client_connection_check_interval=1000 so the server notices a killed client within a second
+// and releases its lock).
+func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error) {
+	if connConfig == nil {
+		return nil, errors.New("migrator: nil connection config")
+	}
+	if len(lanes) == 0 {
+		return nil, errors.New("migrator: no lanes")
+	}
+	if cfg.HistoryTable == "" {
+		cfg.HistoryTable = DefaultHistoryTable
+	}
+	if cfg.Channel == "" {
+		cfg.Channel = DefaultChannel
+	}
+	if len(cfg.Channel) > 63 {
+		return nil, fmt.Errorf("migrator: channel %q is longer than 63 bytes", cfg.Channel)
+	}
+	if cfg.LockPollInterval <= 0 {
+		cfg.LockPollInterval = 200 * time.Millisecond
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	history, err := parseTableName(cfg.HistoryTable)
+	if err != nil {
+		return nil, fmt.Errorf("migrator: history table: %w", err)
+	}
+	m := &Migrator{
+		connConfig: PrepareConnConfig(connConfig),
+		byName:     map[string]*loadedLane{},
+		history:    history,
+		cfg:        cfg,
+		pid:        int32(os.Getpid()),
+	}
+	m.host, _ = os.Hostname()
+	m.appName = m.connConfig.RuntimeParams["application_name"]
+	tables := map[string]string{}
+	sawBackground := false
+	for _, spec := range lanes {
+		l, err := loadLane(spec)
+		if err != nil {
+			return nil, err
+		}
+		if _, dup := m.byName[l.Name]; dup {
+			return nil, &LoadError{Lane: l.Name, Err: errors.New("lane listed twice")}
+		}
+		if other, dup := tables[l.table.String()]; dup {
+			return nil, &LoadError{Lane: l.Name, Err: fmt.Errorf("version table %s is also used by lane %q", l.table, other)}
+		}
+		if l.Mode == Blocking && sawBackground {
+			return nil, &LoadError{Lane: l.Name, Err: errors.New("blocking lanes must come before background lanes")}
+		}
+		sawBackground = sawBackground || l.Mode == Background
+		tables[l.table.String()] = l.Name
+		m.lanes = append(m.lanes, l)
+		m.byName[l.Name] = l
+	}
+	m.status = newStatusQuery(m)
+	return m, nil
+}
+
+// PrepareConnConfig returns a copy of c with the runtime parameters multi-lanes relies on:
+// application_name "lanes" when unset, and client_connection_check_interval=1000 when unset
+// (PostgreSQL 14+) so that a killed client's session, and the lane lock it holds, ends within
+// about a second instead of when its running statement finishes.
+func PrepareConnConfig(c *pgx.ConnConfig) *pgx.ConnConfig {
+	c = c.Copy()
+	if c.RuntimeParams == nil {
+		c.RuntimeParams = map[string]string{}
+	}
+	if c.RuntimeParams["application_name"] == "" {
+		c.RuntimeParams["application_name"] = "lanes"
+	}
+	if _, ok := c.RuntimeParams["client_connection_check_interval"]; !ok {
+		c.RuntimeParams["client_connection_check_interval"] = "1000"
+	}
+	return c
+}
+
+// LaneInfo describes a loaded lane.
+type LaneInfo struct {
+	Name         string
+	Mode         Mode
+	VersionTable string
+	Latest       int32        // the highest version known to this binary
+	Migrations   []*Migration // in version order; do not modify
+}
+
+// Lanes returns the lanes in order.
+func (m *Migrator) Lanes() []LaneInfo {
+	out := make([]LaneInfo, 0, len(m.lanes))
+	for _, l := range m.lanes {
+		out = append(out, LaneInfo{Name: l.Name, Mode: l.Mode, VersionTable: l.table.String(), Latest: l.latest(), Migrations: l.migrations})
+	}
+	return out
+}
+
+// Lane returns the named lane.
+func (m *Migrator) Lane(name string) (LaneInfo, bool) {
+	for _, l := range m.Lanes() {
+		if l.Name == name {
+			return l, true
+		}
+	}
+	return LaneInfo{}, false
+}
+
+// Channel returns the NOTIFY channel.
+func (m *Migrator) Channel() string { return m.cfg.Channel }
+
+// ConnConfig returns a copy of the connection configuration the Migrator uses.
+func (m *Migrator) ConnConfig() *pgx.ConnConfig { return m.connConfig.Copy() }
+
+// Result tells what a Migrate call did.
+type Result struct {
+	Lane    string
+	From    int32 // the lane's version before the call
+	To      int32 // the lane's version after the call
+	Latest  int32 // the highest version known to this binary
+	Applied int   // migrations applied by this call
+	Ahead   bool  // the database is at a version this binary does not know (a newer deploy)
+}
+
+// Migrate applies the pending migrations of the lane, waiting for the lane's lock while another
+// session holds it. It first reads the lane's version without any lock and returns at once when
+// nothing is pending; while waiting for the lock it re-reads the version, so it also returns as
+// soon as the holder has applied everything. A database ahead of this binary is not an error:
+// Result.Ahead is set and a warning logged.
+//
+// Each migration and its version bump commit in one transaction (disable-tx migrations run
+// outside it, then a short transaction records the version). When a background lane's
+// migration commits, or the last migration of a blocking lane, the same transaction sends
+// NOTIFY on the Migrator's channel. A failure returns a *MigrationError, is recorded in the
+// history table and announced; nothing of a transactional migration stays applied.
+func (m *Migrator) Migrate(ctx context.Context, lane string) (Result, error) {
+	return m.run(ctx, lane, true)
+}
+
+// TryMigrate is Migrate without waiting: it returns ErrLocked at once when another session
+// holds the lane's lock.
+func (m *Migrator) TryMigrate(ctx context.Context, lane string) (Result, error) {
+	return m.run(ctx, lane, false)
+}
+
+// TryMigrateOn is TryMigrate on a connection from Connect that the caller keeps between calls,
+// for a replica that retries a lane's lock on a timer. The lane's lock is released before it
+// returns. conn must not be used by anything else meanwhile.
+func (m *Migrator) TryMigrateOn(ctx context.Context, conn *pgx.Conn, lane string) (Result, error) {
+	return m.runOn(ctx, conn, lane, false)
+}
+
+func (m *Migrator) run(ctx context.Context, name string, wait bool) (Result, error) {
+	if _, ok := m.byName[name]; !ok {
+		return Result{Lane: name}, fmt.Errorf("lane %q: %w", name, ErrUnknownLane)
+	}
+	conn, err := m.Connect(ctx)
+	if err != nil {
+		return Result{Lane: name}, fmt.Errorf("lane %q: %w", name, err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	return m.runOn(ctx, conn, name, wait)
+}
+
+func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait bool) (res Result, err error) {
+	l, ok := m.byName[name]
+	if !ok {
+		return Result{Lane: name}, fmt.Errorf("lane %q: %w", name, ErrUnknownLane)
+	}
+	res = Result{Lane: name, Latest: l.latest()}
+
+	done := func(v int32) (Result, error) {
+		res.To, res.Ahead = v, v > l.latest()
+		if res.Ahead {
+			m.cfg.Logger.Warn().Str("lane", name).Int32("version", v).Int32("latest", l.latest()).
+				Msg("database is ahead of this binary: a newer deploy applied migrations this binary does not know; treating the lane as done")
+		}
+		return res, nil
+	}
+	v, err := readVersion(ctx, conn, l.table)
+	if err != nil {
+		return res, fmt.Errorf("lane %q: %w", name, err)
+	}
+	res.From = v
+	if v >= l.latest() {
+		return done(v)
+	}
+
+	lock := &laneLock{conn: conn, key: l.table.lockKey()}
+	for {
+		got, err := lock.tryLock(ctx)
+		if err != nil {
+			return res, fmt.Errorf("lane %q: %w", name, err)
+		}
+		if got {
+			break
+		}
+		if !wait {
+			return res, fmt.Errorf("lane %q: %w", name, ErrLocked)
+		}
+		if err := sleep(ctx, jitter(m.cfg.LockPollInterval)); err != nil {
+			return res, fmt.Errorf("lane %q: wait for lock: %w", name, err)
+		}
+		if v, err = readVersion(ctx, conn, l.table); err != nil {
+			return res, fmt.Errorf("lane %q: %w", name, err)
+		} else if v >= l.latest() {
+			return done(v)
+		}
+	}
+	defer func() {
+		if uerr := lock.unlock(ctx); uerr != nil && err == nil {
+			err = fmt.Errorf("lane %q: %w", name, uerr)
+		}
+	}()
+
+	if err := ensureVersionTable(ctx, conn, l.table); err != nil {
+		return res, fmt.Errorf("lane %q: %w", name, err)
+	}
+	if err := ensureHistoryTable(ctx, conn, m.history); err != nil {
+		return res, fmt.Errorf("lane %q: %w", name, err)
+	}
+	if v, err = readVersion(ctx, conn, l.table); err != nil {
+		return res, fmt.Errorf("lane %q: %w", name, err)
+	}
+	res.From = v
+	if v >= l.latest() {
+		return done(v)
+	}
+	if v < 0 {
+		return res, fmt.Errorf("lane %q: version table %s holds version %d", name, l.table, v)
+	}
+	for ; v < l.latest(); v++ {
+		mig := l.migrations[v]
+		start := m.cfg.Now()
+		if err := m.apply(ctx, conn, l, mig, start); err != nil {
+			m.recordFailure(ctx, conn, l, mig, start, err)
+			res.To = v
+			return res, err
+		}
+		res.Applied++
+		m.cfg.Logger.Info().Str("lane", name).Int32("version", mig.Version).Str("file", mig.Name).
+			Dur("duration", m.cfg.Now().Sub(start)).Msgf("OK   %s (%s)", mig.Name, m.cfg.Now().Sub(start).Round(10*time.Microsecond))
+	}
+	return done(v)
+}
+
+// Connect opens a dedicated connection for applying migrations, with the runtime parameters of
+// PrepareConnConfig. Cancelling the context of a call on it first asks the server to cancel the
+// running statement (so a transaction rolls back and the lane lock is released cleanly) and
+// breaks the connection only if the server has not answered within 5 seconds.
+func (m *Migrator) Connect(ctx context.Context) (*pgx.Conn, error) {
+	cfg := m.connConfig.Copy()
+	cfg.BuildContextWatcherHandler = func(pgConn *pgconn.PgConn) ctxwatch.Handler {
+		return &pgconn.CancelRequestContextWatcherHandler{Conn: pgConn, CancelRequestDelay: 0, DeadlineDelay: 5 * time.Second}
+	}
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	return conn, nil
+}
+
+// readVersion reads a lane's version without any lock; a missing version table is version 0.
+func readVersion(ctx context.Context, conn *pgx.Conn, t tableName) (int32, error) {
+	var v *int32
+	err := conn.QueryRow(ctx, "select max(version) from "+t.Quoted()).Scan(&v)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "42P01" { // undefined_table
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("read version table %s: %w", t, err)
+	}
+	if v == nil {
+		return 0, nil
+	}
+	return *v, nil
+}

@@ -1,0 +1,183 @@
+package migrator
+
+import "strings"
+
+// statement is one SQL statement of a migration file with the line of the file it starts on.
+type statement struct {
+	SQL  string
+	Line int // 1-based line of the rendered up SQL where the statement starts
+}
+
+// splitStatements splits SQL into statements at top-level semicolons. It understands
+// single-quoted strings (with ” escapes and E” backslash escapes), double-quoted identifiers,
+// dollar-quoted strings ($$ and $tag$), line comments and nested block comments, so semicolons
+// inside any of those do not split. Statements holding only whitespace and comments are dropped.
+func splitStatements(sql string) []statement {
+	var out []statement
+	start, line, startLine := 0, 1, 1
+	emit := func(end int) {
+		text := sql[start:end]
+		if !onlyComments(text) {
+			trimmed := strings.TrimSpace(text)
+			// Report the line of the statement's first significant character.
+			lead := text[:len(text)-len(firstToken(text))]
+			out = append(out, statement{SQL: trimmed, Line: startLine + strings.Count(lead, "\n")})
+		}
+	}
+	for i := 0; i < len(sql); {
+		c := sql[i]
+		switch {
+		case c == '\n':
+			line++
+			i++
+		case c == '-' && i+1 < len(sql) && sql[i+1] == '-':
+			for i < len(sql) && sql[i] != '\n' {
+				i++
+			}
+		case c == '/' && i+1 < len(sql) && sql[i+1] == '*':
+			depth := 0
+			for i < len(sql) {
+				if sql[i] == '/' && i+1 < len(sql) && sql[i+1] == '*' {
+					depth++
+					i += 2
+					continue
+				}
+				if sql[i] == '*' && i+1 < len(sql) && sql[i+1] == '/' {
+					depth--
+					i += 2
+					if depth == 0 {
+						break
+					}
+					continue
+				}
+				if sql[i] == '\n' {
+					line++
+				}
+				i++
+			}
+		case c == '\'':
+			escapes := i > 0 && (sql[i-1] == 'e' || sql[i-1] == 'E') && (i < 2 || !isIdentChar(sql[i-2]))
+			i++
+			for i < len(sql) {
+				if escapes && sql[i] == '\\' && i+1 < len(sql) {
+					if sql[i+1] == '\n' {
+						line++
+					}
+					i += 2
+					continue
+				}
+				if sql[i] == '\'' {
+					if i+1 < len(sql) && sql[i+1] == '\'' {
+						i += 2
+						continue
+					}
+					i++
+					break
+				}
+				if sql[i] == '\n' {
+					line++
+				}
+				i++
+			}
+		case c == '"':
+			i++
+			for i < len(sql) {
+				if sql[i] == '"' {
+					if i+1 < len(sql) && sql[i+1] == '"' {
+						i += 2
+						continue
+					}
+					i++
+					break
+				}
+				if sql[i] == '\n' {
+					line++
+				}
+				i++
+			}
+		case c == '$' && (i == 0 || !isIdentChar(sql[i-1])):
+			tag, ok := dollarTag(sql[i:])
+			if !ok {
+				i++
+				continue
+			}
+			end := strings.Index(sql[i+len(tag):], tag)
+			if end < 0 {
+				end = len(sql) - i - len(tag) // unterminated: the rest is the string
+			} else {
+				end += len(tag)
+			}
+			body := sql[i : i+len(tag)+end]
+			line += strings.Count(body, "\n")
+			i += len(body)
+		case c == ';':
+			emit(i + 1)
+			i++
+			start, startLine = i, line
+		default:
+			i++
+		}
+	}
+	if start < len(sql) {
+		emit(len(sql))
+	}
+	return out
+}
+
+// dollarTag returns the opening dollar-quote tag at the start of s ("$$" or "$name$").
+func dollarTag(s string) (string, bool) {
+	for j := 1; j < len(s); j++ {
+		c := s[j]
+		if c == '$' {
+			return s[:j+1], true
+		}
+		if !(c == '_' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= 0x80 || (j > 1 && c >= '0' && c <= '9')) {
+			return "", false
+		}
+	}
+	return "", false
+}
+
+func isIdentChar(c byte) bool {
+	return c == '_' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c >= 0x80
+}
+
+// onlyComments reports whether text holds nothing but whitespace, comments and semicolons.
+func onlyComments(text string) bool {
+	return firstToken(text) == ""
+}
+
+// firstToken returns text from its first character that is not whitespace, a semicolon or part
+// of a comment, or "" when there is none.
+func firstToken(text string) string {
+	i := 0
+	for i < len(text) {
+		switch c := text[i]; {
+		case c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == ';':
+			i++
+		case c == '-' && i+1 < len(text) && text[i+1] == '-':
+			for i < len(text) && text[i] != '\n' {
+				i++
+			}
+		case c == '/' && i+1 < len(text) && text[i+1] == '*':
+			depth := 0
+			for i < len(text) {
+				if text[i] == '/' && i+1 < len(text) && text[i+1] == '*' {
+					depth++
+					i += 2
+				} else if text[i] == '*' && i+1 < len(text) && text[i+1] == '/' {
+					depth--
+					i += 2
+					if depth == 0 {
+						break
+					}
+				} else {
+					i++
+				}
+			}
+		default:
+			return text[i:]
+		}
+	}
+	return ""
+}

@@ -1,0 +1,162 @@
+package migrator
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Querier runs queries: a *pgx.Conn, a *pgxpool.Pool or a pgx.Tx.
+type Querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// State is a lane's state as seen from one binary.
+type State string
+
+// The states of a lane.
+const (
+	StatePending State = "pending" // migrations known to this binary are not applied yet
+	StateRunning State = "running" // a session holds the lane's lock and is applying
+	StateFailed  State = "failed"  // the last attempt failed; see LaneStatus.Error
+	StateDone    State = "done"    // every migration known to this binary is applied
+	StateAhead   State = "ahead"   // done, and the database knows migrations this binary does not
+)
+
+// Failure is the last failed attempt of a lane, from the history table.
+type Failure struct {
+	Version   int32     `json:"version"`
+	File      string    `json:"file"`
+	Checksum  string    `json:"checksum"` // of the failed file as rendered by the binary that ran it
+	SQLState  string    `json:"sqlstate,omitempty"`
+	Transient bool      `json:"transient"` // the error is of a kind that is retried (TransientSQLState)
+	Statement string    `json:"statement,omitempty"`
+	At        time.Time `json:"at"`
+}
+
+// LaneStatus is one lane's state in the database, compared with this binary's files.
+type LaneStatus struct {
+	Name         string   `json:"name"`
+	Mode         string   `json:"mode"`
+	VersionTable string   `json:"version_table"`
+	Version      int32    `json:"version"` // applied version, 0 when the version table does not exist
+	Latest       int32    `json:"latest"`  // highest version known to this binary
+	State        State    `json:"state"`
+	Error        string   `json:"error"` // the last failed attempt's error while the lane is not past it; "" otherwise
+	Failure      *Failure `json:"failure,omitempty"`
+	Locked       bool     `json:"locked"` // a session holds the lane's lock
+}
+
+// Done reports whether every migration known to this binary is applied.
+func (s LaneStatus) Done() bool { return s.Version >= s.Latest }
+
+// Status reads every lane's state without taking any lock. It costs two round trips.
+func (m *Migrator) Status(ctx context.Context, q Querier) ([]LaneStatus, error) {
+	return m.status.run(ctx, q)
+}
+
+// statusQuery builds the status queries once per set of existing tables.
+type statusQuery struct {
+	m      *Migrator
+	tables []string // quoted version tables, then the history table
+}
+
+func newStatusQuery(m *Migrator) statusQuery {
+	s := statusQuery{m: m}
+	for _, l := range m.lanes {
+		s.tables = append(s.tables, l.table.Quoted())
+	}
+	s.tables = append(s.tables, m.history.Quoted())
+	return s
+}
+
+func (s statusQuery) run(ctx context.Context, q Querier) ([]LaneStatus, error) {
+	rows, err := q.Query(ctx, "select to_regclass(t) is not null from unnest($1::text[]) with ordinality u(t, i) order by i", s.tables)
+	if err != nil {
+		return nil, fmt.Errorf("look up version tables: %w", err)
+	}
+	exists, err := pgx.CollectRows(rows, pgx.RowTo[bool])
+	if err != nil {
+		return nil, fmt.Errorf("look up version tables: %w", err)
+	}
+	historyExists := exists[len(exists)-1]
+
+	var b strings.Builder
+	for i, l := range s.m.lanes {
+		if i > 0 {
+			b.WriteString("\nunion all\n")
+		}
+		version := "0"
+		if exists[i] {
+			version = "(select max(version) from " + l.table.Quoted() + ")"
+		}
+		key := l.table.lockKey()
+		fmt.Fprintf(&b, `select %d, coalesce(%s, 0),
+  exists (select 1 from pg_locks where locktype = 'advisory' and classid = %d and objid = %d and objsubid = 1 and granted)`,
+			i, version, uint32(uint64(key)>>32), uint32(uint64(key)))
+		if historyExists {
+			fmt.Fprintf(&b, `, h.version, h.name, h.error, h.sqlstate, h.statement, h.finished_at, h.checksum
+from (select 1) one left join lateral (select version, name, error, sqlstate, statement, finished_at, checksum from %s
+  where lane = '%s' order by id desc limit 1) h on true`, s.m.history.Quoted(), l.Name)
+		} else {
+			b.WriteString(", null::int4, null::text, null::text, null::text, null::text, null::timestamptz, null::text")
+		}
+	}
+	rows, err = q.Query(ctx, b.String())
+	if err != nil {
+		return nil, fmt.Errorf("read lane versions: %w", err)
+	}
+	defer rows.Close()
+	out := make([]LaneStatus, len(s.m.lanes))
+	for rows.Next() {
+		var (
+			i                   int
+			st                  LaneStatus
+			hVersion            *int32
+			hName, hErr, hState *string
+			hStatement, hSum    *string
+			hAt                 *time.Time
+		)
+		if err := rows.Scan(&i, &st.Version, &st.Locked, &hVersion, &hName, &hErr, &hState, &hStatement, &hAt, &hSum); err != nil {
+			return nil, fmt.Errorf("read lane versions: %w", err)
+		}
+		l := s.m.lanes[i]
+		st.Name, st.Mode, st.VersionTable, st.Latest = l.Name, l.Mode.String(), l.table.String(), l.latest()
+		switch {
+		case st.Version > st.Latest:
+			st.State = StateAhead
+		case st.Version == st.Latest:
+			st.State = StateDone
+		case st.Locked:
+			st.State = StateRunning
+		default:
+			st.State = StatePending
+		}
+		if hErr != nil && hVersion != nil && *hVersion > st.Version {
+			st.Error = *hErr
+			st.Failure = &Failure{Version: *hVersion, File: deref(hName), SQLState: deref(hState), Statement: deref(hStatement), Transient: TransientSQLState(deref(hState)), Checksum: deref(hSum)}
+			if hAt != nil {
+				st.Failure.At = *hAt
+			}
+			if st.State == StatePending {
+				st.State = StateFailed
+			}
+		}
+		out[i] = st
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read lane versions: %w", err)
+	}
+	return out, nil
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}

@@ -1,0 +1,437 @@
+// Package notifier keeps one dedicated PostgreSQL connection LISTENing on a channel and tells a
+// handler when to re-read durable state: after every (re)connect, after every notification,
+// and on a timer while LISTEN is unavailable.
+//
+// Notifications are hints. They are delivered only to sessions already listening, are lost
+// across a reconnect or a server restart, and may be sent by any role. So the listener LISTENs
+// first and then calls the handler to read the durable state, on every connect; the handler,
+// not the payload, decides what is true.
+//
+// A Listener owns one goroutine and one connection. It pings the connection on a timer with a
+// deadline of its own, so a dead or half-open connection is replaced within PingInterval +
+// PingTimeout, and reconnects with capped exponential backoff and jitter. When LISTEN fails
+// (a hot standby) or is proven deaf (a pooler in transaction mode, detected by a probe
+// notification sent to itself), it logs that once and polls with the handler every
+// PollInterval, trying LISTEN again every RelistenInterval.
+package notifier
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	mrand "math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/rs/zerolog"
+)
+
+// Handler reads the durable state on conn. n is nil after a (re)connect and on a polling tick,
+// and the notification otherwise. An error is logged and makes the listener reconnect.
+// The handler runs on the listener's goroutine and must not keep conn.
+type Handler func(ctx context.Context, conn *pgx.Conn, n *pgconn.Notification) error
+
+// Config tunes a Listener. The zero value is valid except for Channel.
+type Config struct {
+	// Channel to LISTEN on. Required. Taken verbatim (quoted), at most 63 bytes.
+	Channel string
+	// PingInterval is how long the connection may stay silent before it is pinged.
+	// Default: 5s.
+	PingInterval time.Duration
+	// PingTimeout bounds a ping and a connect attempt. Default: 5s.
+	PingTimeout time.Duration
+	// ReconnectMin and ReconnectMax bound the exponential backoff between reconnect attempts
+	// (full jitter). Defaults: 100ms and 5s.
+	ReconnectMin, ReconnectMax time.Duration
+	// PollInterval is how often the handler is called while LISTEN is unavailable.
+	// Default: 5s.
+	PollInterval time.Duration
+	// RelistenInterval is how often LISTEN is tried again while polling. Default: 1m.
+	RelistenInterval time.Duration
+	// ProbeTimeout bounds the wait for the probe notification the listener sends itself after
+	// LISTEN, to detect a pooler that accepts LISTEN but never delivers. Zero disables the
+	// probe. Default: 2s.
+	ProbeTimeout time.Duration
+	// Logger receives connection changes. Default: no logging.
+	Logger zerolog.Logger
+}
+
+func (c *Config) setDefaults() {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&c.PingInterval, 5*time.Second)
+	def(&c.PingTimeout, 5*time.Second)
+	def(&c.ReconnectMin, 100*time.Millisecond)
+	def(&c.ReconnectMax, 5*time.Second)
+	def(&c.PollInterval, 5*time.Second)
+	def(&c.RelistenInterval, time.Minute)
+	if c.ProbeTimeout == 0 {
+		c.ProbeTimeout = 2 * time.Second
+	}
+}
+
+// Mode is how a Listener currently learns of changes.
+type Mode string
+
+// Listener modes.
+const (
+	ModeConnecting Mode = "connecting" // no usable connection right now
+	ModeListening  Mode = "listening"  // LISTEN works: no queries beyond pings
+	ModePolling    Mode = "polling"    // LISTEN is unavailable: the handler runs every PollInterval
+	ModeStopped    Mode = "stopped"
+)
+
+// Listener is a LISTEN connection with reconnects. Its methods are safe for concurrent use.
+type Listener struct {
+	connConfig *pgx.ConnConfig
+	cfg        Config
+	handler    Handler
+	log        zerolog.Logger
+
+	mu      sync.Mutex
+	mode    Mode
+	started bool
+	cancel  context.CancelFunc
+	done    chan struct{}
+
+	stats Stats
+
+	wasPolling bool // owned by whichever goroutine is connecting: Start's caller, then run
+}
+
+// Stats counts what a Listener did, for tests and metrics.
+type Stats struct {
+	Connects      int // successful connections
+	Notifications int // notifications received (probes excluded)
+	Syncs         int // handler calls
+	Polls         int // handler calls made because LISTEN was unavailable
+}
+
+// New returns a Listener; it does not connect. connConfig is copied.
+func New(connConfig *pgx.ConnConfig, cfg Config, handler Handler) (*Listener, error) {
+	if connConfig == nil {
+		return nil, errors.New("notifier: nil connection config")
+	}
+	if handler == nil {
+		return nil, errors.New("notifier: nil handler")
+	}
+	if cfg.Channel == "" || len(cfg.Channel) > 63 {
+		return nil, fmt.Errorf("notifier: channel %q must be 1 to 63 bytes", cfg.Channel)
+	}
+	cfg.setDefaults()
+	if cfg.ReconnectMax < cfg.ReconnectMin {
+		cfg.ReconnectMax = cfg.ReconnectMin
+	}
+	return &Listener{connConfig: connConfig.Copy(), cfg: cfg, handler: handler, log: cfg.Logger, mode: ModeConnecting}, nil
+}
+
+// Start connects, LISTENs and runs the handler once, synchronously, so a configuration error
+// fails fast; then it runs the listener in a goroutine until Stop. A LISTEN that is unavailable
+// is not an error: the listener starts in polling mode. Start may be called once.
+func (l *Listener) Start(ctx context.Context) error {
+	l.mu.Lock()
+	if l.started {
+		l.mu.Unlock()
+		return errors.New("notifier: already started")
+	}
+	l.started = true
+	l.mu.Unlock()
+
+	conn, listening, err := l.connect(ctx)
+	if err != nil {
+		l.setMode(ModeStopped)
+		return err
+	}
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	l.mu.Lock()
+	l.cancel, l.done = cancel, make(chan struct{})
+	l.mu.Unlock()
+	go func() {
+		defer close(l.done)
+		l.run(runCtx, conn, listening)
+	}()
+	return nil
+}
+
+// Stop stops the listener and waits for its goroutine to end and its connection to close.
+// It is idempotent and safe to call when Start failed or was never called.
+func (l *Listener) Stop() {
+	l.mu.Lock()
+	cancel, done := l.cancel, l.done
+	l.mu.Unlock()
+	if cancel == nil {
+		l.setMode(ModeStopped)
+		return
+	}
+	cancel()
+	<-done
+	l.setMode(ModeStopped)
+}
+
+// Mode returns how the listener currently learns of changes.
+func (l *Listener) Mode() Mode {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.mode
+}
+
+// Stats returns a copy of the listener's counters.
+func (l *Listener) Stats() Stats {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.stats
+}
+
+func (l *Listener) setMode(m Mode) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.mode = m
+}
+
+func (l *Listener) count(f func(*Stats)) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	f(&l.stats)
+}
+
+// run owns conn until ctx is done, replacing it whenever it fails.
+func (l *Listener) run(ctx context.Context, conn *pgx.Conn, listening bool) {
+	attempt := 0
+	lastFailure := ""
+	for {
+		if conn != nil {
+			var err error
+			if listening {
+				err = l.listen(ctx, conn)
+			} else {
+				err = l.poll(ctx, conn)
+			}
+			l.close(conn)
+			conn = nil
+			if ctx.Err() != nil {
+				return
+			}
+			if err != nil && !errors.Is(err, errRelisten) {
+				l.log.Warn().Err(err).Msg("notification connection lost; reconnecting")
+			}
+			attempt = 0
+		}
+		l.setMode(ModeConnecting)
+		if err := sleepCtx(ctx, l.backoff(attempt)); err != nil {
+			return
+		}
+		attempt++
+		var err error
+		conn, listening, err = l.connect(ctx)
+		if ctx.Err() != nil {
+			if conn != nil {
+				l.close(conn)
+			}
+			return
+		}
+		if err != nil {
+			// Say it once per kind of failure, not once per attempt.
+			if msg := err.Error(); msg != lastFailure {
+				l.log.Warn().Err(err).Int("attempt", attempt).Msg("cannot reconnect the notification connection; retrying with backoff")
+				lastFailure = msg
+			}
+			continue
+		}
+		lastFailure = ""
+	}
+}
+
+var errRelisten = errors.New("time to try LISTEN again")
+
+// connect opens a connection, LISTENs (falling back to polling mode when LISTEN is unavailable)
+// and runs the handler, in that order, so no change committed after the handler's read can be
+// missed.
+func (l *Listener) connect(ctx context.Context) (*pgx.Conn, bool, error) {
+	cctx, cancel := context.WithTimeout(ctx, l.cfg.PingTimeout)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(cctx, l.connConfig)
+	if err != nil {
+		return nil, false, fmt.Errorf("notifier: connect: %w", err)
+	}
+	l.count(func(s *Stats) { s.Connects++ })
+	listening, err := l.tryListen(cctx, conn)
+	if err != nil {
+		l.close(conn)
+		return nil, false, err
+	}
+	if err := l.sync(ctx, conn, nil); err != nil {
+		l.close(conn)
+		return nil, false, err
+	}
+	if listening {
+		l.setMode(ModeListening)
+	} else {
+		l.setMode(ModePolling)
+	}
+	return conn, listening, nil
+}
+
+// tryListen runs LISTEN and proves it with a probe. It returns false (and logs once per change)
+// when LISTEN is refused or deaf, and an error only when the connection itself failed.
+func (l *Listener) tryListen(ctx context.Context, conn *pgx.Conn) (bool, error) {
+	channel := pgx.Identifier{l.cfg.Channel}.Sanitize()
+	_, err := conn.Exec(ctx, "listen "+channel)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		l.fallback(fmt.Sprintf("LISTEN refused: %s (SQLSTATE %s)", pgErr.Message, pgErr.Code))
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("notifier: listen: %w", err)
+	}
+	if l.cfg.ProbeTimeout > 0 {
+		ok, err := l.probe(ctx, conn)
+		if err != nil {
+			return false, err
+		}
+		if !ok {
+			_, _ = conn.Exec(ctx, "unlisten *")
+			l.fallback("LISTEN accepted but a probe notification never arrived (a pooler in transaction or statement mode?)")
+			return false, nil
+		}
+	}
+	if l.wasPolling {
+		l.log.Info().Str("channel", l.cfg.Channel).Msg("LISTEN works again; stopped polling")
+		l.wasPolling = false
+	}
+	return true, nil
+}
+
+// probe sends a notification on a channel only this session listens on and waits for it.
+func (l *Listener) probe(ctx context.Context, conn *pgx.Conn) (bool, error) {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	probe := pgx.Identifier{"lanes_probe_" + hex.EncodeToString(b[:])}.Sanitize()
+	// Separate statements: LISTEN and UNLISTEN take effect at commit, so one implicit
+	// transaction holding all three would never deliver the probe.
+	if _, err := conn.Exec(ctx, "listen "+probe); err != nil {
+		return false, fmt.Errorf("notifier: probe: %w", err)
+	}
+	if _, err := conn.Exec(ctx, "notify "+probe); err != nil {
+		return false, fmt.Errorf("notifier: probe: %w", err)
+	}
+	defer func() { _, _ = conn.Exec(ctx, "unlisten "+probe) }()
+	pctx, cancel := context.WithTimeout(ctx, l.cfg.ProbeTimeout)
+	defer cancel()
+	for {
+		n, err := conn.WaitForNotification(pctx)
+		if err != nil {
+			if pctx.Err() != nil && ctx.Err() == nil && !conn.IsClosed() {
+				return false, nil
+			}
+			return false, fmt.Errorf("notifier: probe: %w", err)
+		}
+		if n.Channel == probe[1:len(probe)-1] {
+			return true, nil
+		}
+		// A real notification that arrived meanwhile: connect's handler call re-reads the state.
+		l.count(func(s *Stats) { s.Notifications++ })
+	}
+}
+
+func (l *Listener) fallback(why string) {
+	if !l.wasPolling {
+		l.log.Warn().Str("channel", l.cfg.Channel).Dur("poll_interval", l.cfg.PollInterval).
+			Msgf("%s; polling instead until LISTEN works", why)
+	}
+	l.wasPolling = true
+}
+
+// listen waits for notifications, pinging when the connection has been silent for
+// PingInterval. It returns when the connection fails or ctx is done.
+func (l *Listener) listen(ctx context.Context, conn *pgx.Conn) error {
+	for {
+		wctx, cancel := context.WithTimeout(ctx, l.cfg.PingInterval)
+		n, err := conn.WaitForNotification(wctx)
+		cancel()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err != nil {
+			if !pgconn.Timeout(err) || conn.IsClosed() {
+				return fmt.Errorf("wait for notification: %w", err)
+			}
+			pctx, cancel := context.WithTimeout(ctx, l.cfg.PingTimeout)
+			err = conn.Ping(pctx)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("ping: %w", err)
+			}
+			continue
+		}
+		l.count(func(s *Stats) { s.Notifications++ })
+		if err := l.sync(ctx, conn, n); err != nil {
+			return err
+		}
+	}
+}
+
+// poll calls the handler every PollInterval and returns errRelisten after RelistenInterval so
+// that run reconnects and tries LISTEN again.
+func (l *Listener) poll(ctx context.Context, conn *pgx.Conn) error {
+	relisten := time.Now().Add(l.cfg.RelistenInterval)
+	for {
+		if err := sleepCtx(ctx, l.cfg.PollInterval); err != nil {
+			return err
+		}
+		l.count(func(s *Stats) { s.Polls++ })
+		if err := l.sync(ctx, conn, nil); err != nil {
+			return err
+		}
+		if time.Now().After(relisten) {
+			return errRelisten
+		}
+	}
+}
+
+func (l *Listener) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notification) error {
+	l.count(func(s *Stats) { s.Syncs++ })
+	if err := l.handler(ctx, conn, n); err != nil {
+		return fmt.Errorf("notifier: handler: %w", err)
+	}
+	return nil
+}
+
+func (l *Listener) close(conn *pgx.Conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = conn.Close(ctx) // the connection is being dropped; its close error changes nothing
+}
+
+// backoff returns the wait before reconnect attempt n: full jitter over a capped exponential.
+func (l *Listener) backoff(n int) time.Duration {
+	if n == 0 {
+		return 0
+	}
+	d := l.cfg.ReconnectMin << min(n-1, 20)
+	if d > l.cfg.ReconnectMax || d <= 0 {
+		d = l.cfg.ReconnectMax
+	}
+	return time.Duration(mrand.Int64N(int64(d)) + 1)
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
