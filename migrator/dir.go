@@ -1,0 +1,104 @@
+package migrator
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"slices"
+	"strings"
+)
+
+// LaneDecl declares a lane's name and mode; its position in a list is its order.
+type LaneDecl struct {
+	Name string
+	Mode Mode
+}
+
+// DefaultLaneDecls are used when no lanes are declared: "fast" (blocking) then "slow"
+// (background).
+var DefaultLaneDecls = []LaneDecl{{Name: "fast", Mode: Blocking}, {Name: "slow", Mode: Background}}
+
+// ParseLaneDecls parses a comma-separated list of name:mode pairs, such as
+// "fast:blocking,slow:background,reports:background". The mode may be omitted for the default
+// names (fast is blocking, slow background). An empty string returns nil.
+func ParseLaneDecls(s string) ([]LaneDecl, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	var out []LaneDecl
+	for _, part := range strings.Split(s, ",") {
+		name, mode, hasMode := strings.Cut(strings.TrimSpace(part), ":")
+		d := LaneDecl{Name: name}
+		switch {
+		case hasMode:
+			m, err := ParseMode(mode)
+			if err != nil {
+				return nil, fmt.Errorf("lane %q: %w", name, err)
+			}
+			d.Mode = m
+		case name == "fast":
+			d.Mode = Blocking
+		case name == "slow":
+			d.Mode = Background
+		default:
+			return nil, fmt.Errorf("lane %q: give its mode as %s:blocking or %s:background", name, name, name)
+		}
+		if !laneNamePattern.MatchString(d.Name) {
+			return nil, fmt.Errorf("invalid lane name %q: use lower-case letters, digits and underscores, starting with a letter", d.Name)
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// LanesFromFS returns one Lane per declared lane, each reading the subfolder of fsys named
+// after it. With no declarations it uses DefaultLaneDecls for the folders that exist. A
+// subfolder that no declaration names is an error (a misspelt lane must not be skipped
+// silently), and so is a declared lane without its folder.
+func LanesFromFS(fsys fs.FS, decls []LaneDecl) ([]Lane, error) {
+	entries, err := fs.ReadDir(fsys, ".")
+	if err != nil {
+		return nil, fmt.Errorf("read migrations folder: %w", err)
+	}
+	var folders []string
+	for _, e := range entries {
+		if e.IsDir() && !strings.HasPrefix(e.Name(), ".") {
+			folders = append(folders, e.Name())
+		}
+	}
+	if len(decls) == 0 {
+		for _, d := range DefaultLaneDecls {
+			if slices.Contains(folders, d.Name) {
+				decls = append(decls, d)
+			}
+		}
+		if len(decls) == 0 {
+			return nil, errors.New("migrations folder has neither a fast nor a slow subfolder")
+		}
+	}
+	var lanes []Lane
+	for _, d := range decls {
+		if !slices.Contains(folders, d.Name) {
+			return nil, &LoadError{Lane: d.Name, Err: fmt.Errorf("no folder %q in the migrations folder", d.Name)}
+		}
+		sub, err := fs.Sub(fsys, d.Name)
+		if err != nil {
+			return nil, &LoadError{Lane: d.Name, Err: err}
+		}
+		lanes = append(lanes, Lane{Name: d.Name, Mode: d.Mode, FS: sub})
+	}
+	for _, f := range folders {
+		if !slices.ContainsFunc(decls, func(d LaneDecl) bool { return d.Name == f }) {
+			return nil, fmt.Errorf("migrations folder has a subfolder %q that is not a declared lane (declared: %s)", f, declNames(decls))
+		}
+	}
+	return lanes, nil
+}
+
+func declNames(decls []LaneDecl) string {
+	names := make([]string, len(decls))
+	for i, d := range decls {
+		names[i] = d.Name
+	}
+	return strings.Join(names, ", ")
+}
