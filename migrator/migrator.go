@@ -166,6 +166,16 @@ func (m *Migrator) Lane(name string) (LaneInfo, bool) {
 	return LaneInfo{}, false
 }
 
+// LockKey returns the key of the lane's session-level advisory lock, for operators who want to
+// see who holds it (pg_locks: classid = key>>32, objid = key&0xffffffff, objsubid = 1).
+func (m *Migrator) LockKey(lane string) (int64, error) {
+	l, ok := m.byName[lane]
+	if !ok {
+		return 0, fmt.Errorf("lane %q: %w", lane, ErrUnknownLane)
+	}
+	return l.table.lockKey(), nil
+}
+
 // Channel returns the NOTIFY channel.
 func (m *Migrator) Channel() string { return m.cfg.Channel }
 

@@ -1,0 +1,147 @@
+package pgcluster_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"go.uber.org/goleak"
+
+	"github.com/multilanes/lanes/internal/pgcluster"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// startCluster starts a cluster stopped at the end of the test, or skips when the machine has
+// no server binaries and LANES_TEST_REQUIRE_DB is not 1.
+func startCluster(t *testing.T, opts pgcluster.Options) *pgcluster.Cluster {
+	t.Helper()
+	if _, err := pgcluster.FindBinaries(); errors.Is(err, pgcluster.ErrNoBinaries) && os.Getenv("LANES_TEST_REQUIRE_DB") != "1" {
+		t.Skip(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	c, err := pgcluster.Start(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := c.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	return c
+}
+
+// queryInt runs a one-value query on a new connection to url.
+func queryInt(ctx context.Context, url, sql string) (int, error) {
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	var n int
+	err = conn.QueryRow(ctx, sql).Scan(&n)
+	return n, err
+}
+
+func TestClusterLifecycle(t *testing.T) {
+	t.Parallel()
+	c := startCluster(t, pgcluster.Options{
+		MaxConnections: 150,
+		Params:         map[string]string{"application_name": "it's pgcluster"},
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	url := c.ConnString("postgres")
+
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	var maxConns, appName string
+	if err := conn.QueryRow(ctx, "select current_setting('max_connections'), current_setting('application_name')").Scan(&maxConns, &appName); err != nil {
+		t.Fatal(err)
+	}
+	if maxConns != "150" || appName != "it's pgcluster" {
+		t.Fatalf("max_connections=%q application_name=%q, want 150 and the Params value", maxConns, appName)
+	}
+
+	port := c.Port()
+	if err := c.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c.Port() != port {
+		t.Fatalf("port changed on restart: %d to %d", port, c.Port())
+	}
+	if err := conn.Ping(ctx); err == nil {
+		t.Fatal("a connection opened before the restart still works")
+	}
+	if n, err := queryInt(ctx, url, "select 1"); err != nil || n != 1 {
+		t.Fatalf("query after restart: %d, %v", n, err)
+	}
+
+	if err := c.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := queryInt(ctx, url, "select 1"); err == nil {
+		t.Fatal("connected to a killed server")
+	}
+	if err := c.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := queryInt(ctx, url, "select 1"); err != nil || n != 1 {
+		t.Fatalf("query after kill and restart: %d, %v", n, err)
+	}
+
+	if err := c.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Stop(); err != nil {
+		t.Fatalf("second Stop: %v", err)
+	}
+	if _, err := queryInt(ctx, url, "select 1"); err == nil {
+		t.Fatal("connected to a stopped server")
+	}
+	if err := c.Restart(ctx); err == nil {
+		t.Fatal("Restart after Stop succeeded")
+	}
+}
+
+func TestTwoClustersRunSideBySide(t *testing.T) {
+	t.Parallel()
+	a := startCluster(t, pgcluster.Options{})
+	b := startCluster(t, pgcluster.Options{})
+	if a.Port() == b.Port() {
+		t.Fatalf("both clusters on port %d", a.Port())
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	for _, c := range []*pgcluster.Cluster{a, b} {
+		if n, err := queryInt(ctx, c.ConnString("postgres"), "select current_setting('max_connections')::int"); err != nil || n != 100 {
+			t.Fatalf("max_connections: %d, %v; want 100", n, err)
+		}
+	}
+}
+
+func TestStartFailures(t *testing.T) {
+	t.Parallel()
+	_, err := pgcluster.Start(t.Context(), pgcluster.Options{BinDir: t.TempDir()})
+	if !errors.Is(err, pgcluster.ErrNoBinaries) {
+		t.Fatalf("Start with an empty BinDir: %v, want ErrNoBinaries", err)
+	}
+	if _, err := pgcluster.FindBinaries(); err != nil {
+		t.Skip(err)
+	}
+	_, err = pgcluster.Start(t.Context(), pgcluster.Options{Params: map[string]string{"shared_buffers": "lots"}})
+	if err == nil || !strings.Contains(err.Error(), "server log:") || !strings.Contains(err.Error(), "shared_buffers") {
+		t.Fatalf("Start with a bad setting: %v, want an error quoting the server log", err)
+	}
+}
