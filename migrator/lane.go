@@ -268,6 +268,9 @@ func renderFiles(spec Lane, files map[int32]string, funcs map[int32]GoMigration)
 			return nil, &LoadError{Lane: spec.Name, File: name, Err: err}
 		}
 		up, _, _ := strings.Cut(string(raw), upDownSeparator)
+		if strings.Contains(tmig.UpSQL, "<no value>") && !strings.Contains(up, "<no value>") {
+			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("template uses a value missing from the lane's Data (rendered as <no value>)")}
+		}
 		lead := len(up) - len(strings.TrimLeft(up, " \t\r\n"))
 		sum := sha256.Sum256([]byte(tmig.UpSQL))
 		out[tmig.Sequence] = &Migration{

@@ -19,8 +19,9 @@ func splitStatements(sql string) []statement {
 		text := sql[start:end]
 		if !onlyComments(text) {
 			trimmed := strings.TrimSpace(text)
-			// Report the line of the statement's first significant character.
-			lead := text[:len(text)-len(firstToken(text))]
+			// Report the line where the statement as sent (trimmed) starts, so that an error
+			// position within it maps onto the file.
+			lead := text[:len(text)-len(strings.TrimLeft(text, " \t\r\n\f"))]
 			out = append(out, statement{SQL: trimmed, Line: startLine + strings.Count(lead, "\n")})
 		}
 	}

@@ -1,0 +1,225 @@
+package migrator
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"testing/fstest"
+
+	"github.com/jackc/pgx/v5"
+)
+
+func file(s string) *fstest.MapFile { return &fstest.MapFile{Data: []byte(s)} }
+
+func noop(context.Context, *pgx.Conn) error { return nil }
+
+func TestLoadLane(t *testing.T) {
+	fsys := fstest.MapFS{
+		"001_create.sql":     file("\n\ncreate table {{.table}} (i int);\n---- create above / drop below ----\ndrop table {{.table}};"),
+		"003_index.sql":      file("---- tern: disable-tx ----\ncreate index concurrently i on t (i);"),
+		"004_shared.sql":     file(`{{ template "shared/grant.sql" . }}`),
+		"shared/grant.sql":   file("grant select on {{.table}} to public;"),
+		"README.md":          file("not a migration"),
+		"notes/ignored.txt":  file("x"),
+		"shared/also_ok.sql": file("-- shared templates may be anything"),
+	}
+	l, err := loadLane(Lane{Name: "slow", Mode: Background, FS: fsys, Data: map[string]any{"table": "t"},
+		Funcs: []GoMigration{{Version: 2, Name: "load", Up: noop}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := l.latest(); got != 4 {
+		t.Fatalf("latest = %d, want 4", got)
+	}
+	names := []string{}
+	for _, m := range l.migrations {
+		names = append(names, m.Name)
+	}
+	if want := "001_create.sql 002_load.go 003_index.sql 004_shared.sql"; strings.Join(names, " ") != want {
+		t.Fatalf("names = %q, want %q", names, want)
+	}
+	m1 := l.migrations[0]
+	if m1.SQL != "create table t (i int);" || m1.DisableTx || m1.lineOffset != 2 {
+		t.Fatalf("001 = %+v", m1)
+	}
+	if l.migrations[1].Func == nil || l.migrations[1].SQL != "" {
+		t.Fatalf("002 should be the Go migration: %+v", l.migrations[1])
+	}
+	if !l.migrations[2].DisableTx {
+		t.Fatal("003 should be disable-tx")
+	}
+	if got := l.migrations[3].SQL; got != "grant select on t to public;" {
+		t.Fatalf("004 rendered %q", got)
+	}
+	if l.table.String() != "lanes_slow_version" {
+		t.Fatalf("default version table %q", l.table)
+	}
+	if l.migrations[0].Checksum == l.migrations[3].Checksum || len(l.migrations[0].Checksum) != 64 {
+		t.Fatal("checksums should be distinct sha256 hex")
+	}
+}
+
+func TestLoadLaneErrors(t *testing.T) {
+	cases := []struct {
+		name     string
+		lane     Lane
+		file     string // the file the error must name
+		contains string
+	}{
+		{"gap", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select 1"), "003_c.sql": file("select 1")}}, "003_c.sql", "missing migration 2"},
+		{"duplicate", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select 1"), "1_b.sql": file("select 1")}}, "", "duplicate migration 1"},
+		{"zero", Lane{Name: "fast", FS: fstest.MapFS{"000_a.sql": file("select 1")}}, "000_a.sql", "start at 1"},
+		{"overflow", Lane{Name: "fast", FS: fstest.MapFS{"99999999999_a.sql": file("select 1")}}, "99999999999_a.sql", "int32"},
+		{"bad name", Lane{Name: "fast", FS: fstest.MapFS{"001-a.sql": file("select 1")}}, "001-a.sql", "NNN_title.sql"},
+		{"empty", Lane{Name: "fast", FS: fstest.MapFS{"README": file("x")}}, "", "no migrations"},
+		{"nil fs", Lane{Name: "fast"}, "", "no migrations"},
+		{"template", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select {{ .missing.deeper }}")}}, "001_a.sql", "template"},
+		{"template syntax", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select {{ if }}")}}, "001_a.sql", ""},
+		{"utf8", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select '\xff\xfe'")}}, "001_a.sql", "UTF-8"},
+		{"only comments", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("-- nothing\n/* here */;\n---- create above / drop below ----\ndrop table x;")}}, "", ""},
+		{"lane name", Lane{Name: "Fast Lane", FS: fstest.MapFS{"001_a.sql": file("select 1")}}, "", "invalid lane name"},
+		{"go duplicate", Lane{Name: "slow", FS: fstest.MapFS{"001_a.sql": file("select 1")}, Funcs: []GoMigration{{Version: 1, Name: "x", Up: noop}}}, "001_x.go", "duplicate migration 1"},
+		{"go nil", Lane{Name: "slow", Funcs: []GoMigration{{Version: 1, Name: "x"}}}, "001_x.go", "no Up"},
+		{"go zero", Lane{Name: "slow", Funcs: []GoMigration{{Version: 0, Name: "x", Up: noop}}}, "000_x.go", "start at 1"},
+		{"bad table", Lane{Name: "slow", VersionTable: "a.b.c", FS: fstest.MapFS{"001_a.sql": file("select 1")}}, "", "invalid table name"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := loadLane(c.lane)
+			var le *LoadError
+			if !errors.As(err, &le) {
+				t.Fatalf("err = %v, want a *LoadError", err)
+			}
+			if le.Lane != c.lane.Name {
+				t.Errorf("error names lane %q, want %q", le.Lane, c.lane.Name)
+			}
+			if c.file != "" && le.File != c.file {
+				t.Errorf("error names file %q, want %q (%v)", le.File, c.file, err)
+			}
+			if !strings.Contains(err.Error(), c.contains) {
+				t.Errorf("error %q does not contain %q", err, c.contains)
+			}
+			if !strings.Contains(err.Error(), `lane "`+c.lane.Name+`"`) {
+				t.Errorf("error %q does not name the lane", err)
+			}
+		})
+	}
+}
+
+func TestNewValidatesLanes(t *testing.T) {
+	cc, err := pgx.ParseConfig("postgres://u:secret@127.0.0.1:1/db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	one := fstest.MapFS{"001_a.sql": file("select 1")}
+	cases := []struct {
+		name     string
+		lanes    []Lane
+		contains string
+	}{
+		{"none", nil, "no lanes"},
+		{"twice", []Lane{{Name: "a", FS: one}, {Name: "a", FS: one}}, "listed twice"},
+		{"shared table", []Lane{{Name: "a", FS: one}, {Name: "b", FS: one, VersionTable: "lanes_a_version"}}, "also used by lane"},
+		{"order", []Lane{{Name: "a", Mode: Background, FS: one}, {Name: "b", Mode: Blocking, FS: one}}, "blocking lanes must come before"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := New(cc, c.lanes, Config{})
+			if err == nil || !strings.Contains(err.Error(), c.contains) {
+				t.Fatalf("err = %v, want it to contain %q", err, c.contains)
+			}
+		})
+	}
+	m, err := New(cc, []Lane{{Name: "a", FS: one}, {Name: "b", Mode: Background, FS: one}}, Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ka, _ := m.LockKey("a")
+	kb, _ := m.LockKey("b")
+	if ka == kb || ka == 9628173550095224 {
+		t.Fatalf("lock keys must differ per lane and from tern's: %d %d", ka, kb)
+	}
+	if _, err := m.LockKey("c"); !errors.Is(err, ErrUnknownLane) {
+		t.Fatalf("LockKey(c) = %v", err)
+	}
+}
+
+func TestLanesFromFS(t *testing.T) {
+	fsys := fstest.MapFS{
+		"fast/001_a.sql": file("select 1"),
+		"slow/001_a.sql": file("select 1"),
+	}
+	lanes, err := LanesFromFS(fsys, nil)
+	if err != nil || len(lanes) != 2 || lanes[0].Name != "fast" || lanes[0].Mode != Blocking || lanes[1].Mode != Background {
+		t.Fatalf("default lanes = %+v, %v", lanes, err)
+	}
+	fsys["reports/001_a.sql"] = file("select 1")
+	if _, err := LanesFromFS(fsys, nil); err == nil || !strings.Contains(err.Error(), `"reports"`) {
+		t.Fatalf("undeclared folder: err = %v", err)
+	}
+	decls, err := ParseLaneDecls("fast, slow, reports:background")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lanes, err = LanesFromFS(fsys, decls); err != nil || len(lanes) != 3 || lanes[2].Mode != Background {
+		t.Fatalf("declared lanes = %+v, %v", lanes, err)
+	}
+	if _, err := LanesFromFS(fsys, []LaneDecl{{Name: "fast"}, {Name: "slow", Mode: Background}, {Name: "reports", Mode: Background}, {Name: "nope", Mode: Background}}); err == nil || !strings.Contains(err.Error(), `no folder "nope"`) {
+		t.Fatalf("missing folder: err = %v", err)
+	}
+	for _, bad := range []string{"reports", "x:sideways", "Bad:blocking"} {
+		if _, err := ParseLaneDecls(bad); err == nil {
+			t.Errorf("ParseLaneDecls(%q) accepted", bad)
+		}
+	}
+}
+
+func TestSplitStatements(t *testing.T) {
+	cases := []struct {
+		sql   string
+		want  []string
+		lines []int
+	}{
+		{"select 1; select 2;", []string{"select 1;", "select 2;"}, []int{1, 1}},
+		{"select 1;\n\n-- c;\nselect ';' ;", []string{"select 1;", "-- c;\nselect ';' ;"}, []int{1, 3}},
+		{"select $$a;b$$; select $x$ $$;$$ $x$;", []string{"select $$a;b$$;", "select $x$ $$;$$ $x$;"}, []int{1, 1}},
+		{"create function f() returns int as $body$\nbegin\n  return 1;\nend;\n$body$ language plpgsql;\nselect 2", []string{"create function f() returns int as $body$\nbegin\n  return 1;\nend;\n$body$ language plpgsql;", "select 2"}, []int{1, 6}},
+		{"/* a; /* nested; */ still; */ select 1;", []string{"/* a; /* nested; */ still; */ select 1;"}, []int{1}},
+		{`select "a;b", 'it''s;', E'\';' from t; select 2`, []string{`select "a;b", 'it''s;', E'\';' from t;`, "select 2"}, []int{1, 1}},
+		{"select a$1; select 2", []string{"select a$1;", "select 2"}, []int{1, 1}},
+		{"-- only\n/* comments */;", nil, nil},
+		{"\n\n  select 1", []string{"select 1"}, []int{3}},
+	}
+	for _, c := range cases {
+		got := splitStatements(c.sql)
+		var sqls []string
+		var lines []int
+		for _, s := range got {
+			sqls = append(sqls, s.SQL)
+			lines = append(lines, s.Line)
+		}
+		if strings.Join(sqls, "|") != strings.Join(c.want, "|") || len(lines) != len(c.lines) {
+			t.Errorf("split(%q) = %q, want %q", c.sql, sqls, c.want)
+			continue
+		}
+		for i := range lines {
+			if lines[i] != c.lines[i] {
+				t.Errorf("split(%q) lines = %v, want %v", c.sql, lines, c.lines)
+				break
+			}
+		}
+	}
+}
+
+func FuzzSplitStatements(f *testing.F) {
+	f.Add("select 1; select 'a;b'; select $$x;$$")
+	f.Add("/* /* */ */ -- ;\n select E'\\'';")
+	f.Fuzz(func(t *testing.T, sql string) {
+		for _, st := range splitStatements(sql) {
+			if !strings.Contains(sql, st.SQL) || st.Line < 1 || st.Line > strings.Count(sql, "\n")+1 {
+				t.Fatalf("statement %q (line %d) not from %q", st.SQL, st.Line, sql)
+			}
+		}
+	})
+}

@@ -1,0 +1,417 @@
+package migrator_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"testing/fstest"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/tern/v2/migrate"
+
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/migrator"
+)
+
+func TestMain(m *testing.M) { pgtest.RunMain(m) }
+
+func file(s string) *fstest.MapFile { return &fstest.MapFile{Data: []byte(s)} }
+
+// setup returns a fresh database's connection config and an admin connection to it.
+func setup(t *testing.T) (*pgx.ConnConfig, *pgx.Conn) {
+	t.Helper()
+	url := pgtest.NewDB(t)
+	cc, err := pgx.ParseConfig(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(ctx, cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	return cc, conn
+}
+
+func newMigrator(t *testing.T, cc *pgx.ConnConfig, lanes ...migrator.Lane) *migrator.Migrator {
+	t.Helper()
+	m, err := migrator.New(cc, lanes, migrator.Config{LockPollInterval: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func queryInt(t *testing.T, conn *pgx.Conn, sql string, args ...any) int {
+	t.Helper()
+	var n int
+	if err := conn.QueryRow(context.Background(), sql, args...).Scan(&n); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	return n
+}
+
+var twoFiles = fstest.MapFS{
+	"001_create.sql": file("create table a (i int);\n---- create above / drop below ----\ndrop table a;"),
+	"002_insert.sql": file("insert into a values (1), (2);"),
+}
+
+func TestMigrateIsTernCompatible(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	m := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: twoFiles})
+	res, err := m.Migrate(ctx, "fast")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.From != 0 || res.To != 2 || res.Applied != 2 || res.Ahead {
+		t.Fatalf("result = %+v", res)
+	}
+	if n := queryInt(t, conn, "select count(*) from a"); n != 2 {
+		t.Fatalf("rows = %d", n)
+	}
+	// The stock tern Migrator, pointed at the same files and version table, sees the same state
+	// and has nothing to do.
+	tm, err := migrate.NewMigrator(ctx, conn, "lanes_fast_version")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tm.LoadMigrations(twoFiles); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := tm.GetCurrentVersion(ctx); err != nil || v != 2 {
+		t.Fatalf("tern reads version %d, %v", v, err)
+	}
+	if err := tm.Migrate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := queryInt(t, conn, "select count(*) from a"); n != 2 {
+		t.Fatalf("tern re-applied migrations: rows = %d", n)
+	}
+	// Running again applies nothing.
+	if res, err = m.Migrate(ctx, "fast"); err != nil || res.Applied != 0 || res.To != 2 {
+		t.Fatalf("second run = %+v, %v", res, err)
+	}
+	// History: one row per applied migration, with the checksum of what ran.
+	if n := queryInt(t, conn, "select count(*) from lanes_history where lane = 'fast' and error is null and host <> '' and pid > 0 and application_name = 'lanes' and length(checksum) = 64"); n != 2 {
+		t.Fatalf("history rows = %d", n)
+	}
+}
+
+func TestUpToDateLaneTakesNoLock(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	m := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: twoFiles})
+	if _, err := m.Migrate(ctx, "fast"); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := m.LockKey("fast")
+	if _, err := conn.Exec(ctx, "select pg_advisory_lock($1)", key); err != nil {
+		t.Fatal(err)
+	}
+	// With the lane's lock held elsewhere, an up-to-date lane returns without waiting: TryMigrate
+	// would report ErrLocked if it had tried the lock.
+	if res, err := m.TryMigrate(ctx, "fast"); err != nil || res.To != 2 {
+		t.Fatalf("TryMigrate on an up-to-date lane = %+v, %v", res, err)
+	}
+}
+
+func TestLanesHaveSeparateLocks(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	m := newMigrator(t, cc,
+		migrator.Lane{Name: "fast", FS: twoFiles},
+		migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_b.sql": file("create table b (i int);")}})
+	slowKey, _ := m.LockKey("slow")
+	// Another session holds the slow lane's lock and tern's own constant lock.
+	if _, err := conn.Exec(ctx, "select pg_advisory_lock($1), pg_advisory_lock(9628173550095224)", slowKey); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.TryMigrate(ctx, "fast"); err != nil {
+		t.Fatalf("fast lane blocked by the slow lane's or tern's lock: %v", err)
+	}
+	if _, err := m.TryMigrate(ctx, "slow"); !errors.Is(err, migrator.ErrLocked) {
+		t.Fatalf("slow lane: err = %v, want ErrLocked", err)
+	}
+	st, err := m.Status(ctx, conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st[0].State != migrator.StateDone || st[1].State != migrator.StateRunning || !st[1].Locked {
+		t.Fatalf("status = %+v", st)
+	}
+	if _, err := conn.Exec(ctx, "select pg_advisory_unlock_all()"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.TryMigrate(ctx, "slow"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestMigrateWaitsForHolderAndAppliesExactlyOnce(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	var runs atomic.Int32
+	release := make(chan struct{})
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"002_after.sql": file("insert into work values (2);")},
+		Funcs: []migrator.GoMigration{{Version: 1, Name: "work", Up: func(ctx context.Context, c *pgx.Conn) error {
+			runs.Add(1)
+			<-release
+			_, err := c.Exec(ctx, "create table work (i int); insert into work values (1)")
+			return err
+		}}}}
+	const replicas = 5
+	var wg sync.WaitGroup
+	results := make([]migrator.Result, replicas)
+	errs := make([]error, replicas)
+	for i := range replicas {
+		m := newMigrator(t, cc, lane) // one Migrator per replica
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i], errs[i] = m.Migrate(ctx, "slow")
+		}()
+	}
+	// Let them all reach the lock before the holder finishes.
+	deadline := time.Now().Add(10 * time.Second)
+	for runs.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	close(release)
+	wg.Wait()
+	applied := 0
+	for i := range replicas {
+		if errs[i] != nil {
+			t.Fatalf("replica %d: %v", i, errs[i])
+		}
+		if results[i].To != 2 {
+			t.Fatalf("replica %d result %+v", i, results[i])
+		}
+		applied += results[i].Applied
+	}
+	if runs.Load() != 1 || applied != 2 {
+		t.Fatalf("go migration ran %d times, %d migrations applied in all; want 1 and 2", runs.Load(), applied)
+	}
+	if n := queryInt(t, conn, "select count(*) from work"); n != 2 {
+		t.Fatalf("rows = %d", n)
+	}
+}
+
+func TestAheadOfBinaryIsDone(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	newer := fstest.MapFS{"001_create.sql": twoFiles["001_create.sql"], "002_insert.sql": twoFiles["002_insert.sql"], "003_more.sql": file("insert into a values (3);")}
+	if _, err := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: newer}).Migrate(ctx, "fast"); err != nil {
+		t.Fatal(err)
+	}
+	older := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: twoFiles})
+	res, err := older.Migrate(ctx, "fast")
+	if err != nil || !res.Ahead || res.To != 3 || res.Applied != 0 {
+		t.Fatalf("older binary: %+v, %v", res, err)
+	}
+	st, err := older.Status(ctx, conn)
+	if err != nil || st[0].State != migrator.StateAhead || !st[0].Done() {
+		t.Fatalf("status = %+v, %v", st, err)
+	}
+}
+
+func TestFailedMigrationRollsBackAndIsReported(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
+		"001_ok.sql":  file("create table ok (i int);"),
+		"002_bad.sql": file("-- a comment\ncreate table half (i int);\n\ninsert into half\n  select * from missing_table;\n"),
+	}}
+	m := newMigrator(t, cc, lane)
+	if _, err := conn.Exec(ctx, "listen lanes_done"); err != nil {
+		t.Fatal(err)
+	}
+	res, err := m.Migrate(ctx, "slow")
+	var me *migrator.MigrationError
+	if !errors.As(err, &me) {
+		t.Fatalf("err = %v, want *MigrationError", err)
+	}
+	if me.Lane != "slow" || me.File != "002_bad.sql" || me.Version != 2 || me.SQLState != "42P01" || me.Line != 5 ||
+		!strings.HasPrefix(me.Statement, "insert into half") || me.Transient() {
+		t.Fatalf("error = %#v", me)
+	}
+	for _, want := range []string{`lane "slow"`, "002_bad.sql", "line 5", "missing_table", "42P01"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+	if res.To != 1 || res.Applied != 1 {
+		t.Fatalf("result = %+v", res)
+	}
+	if n := queryInt(t, conn, "select count(*) from pg_tables where tablename = 'half'"); n != 0 {
+		t.Fatal("the failed migration's first statement was left applied")
+	}
+	if n := queryInt(t, conn, "select version from lanes_slow_version"); n != 1 {
+		t.Fatalf("version = %d", n)
+	}
+	st, err := m.Status(ctx, conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st[0].State != migrator.StateFailed || !strings.Contains(st[0].Error, "missing_table") || st[0].Failure == nil ||
+		st[0].Failure.File != "002_bad.sql" || st[0].Failure.SQLState != "42P01" || st[0].Failure.Transient {
+		t.Fatalf("status = %+v %+v", st[0], st[0].Failure)
+	}
+	// Listeners heard the successful first migration and then the failure.
+	var events []migrator.Event
+	for len(events) < 2 {
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		n, err := conn.WaitForNotification(wctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("after %d events: %v", len(events), err)
+		}
+		ev, err := migrator.ParseEvent(n.Payload)
+		if err != nil {
+			t.Fatal(err)
+		}
+		events = append(events, ev)
+	}
+	if events[0].Version != 1 || events[0].Done || events[1].Version != 2 || !strings.Contains(events[1].Error, "missing_table") {
+		t.Fatalf("events = %+v", events)
+	}
+	// A fixed file continues from version 1.
+	lane.FS = fstest.MapFS{"001_ok.sql": lane.FS.(fstest.MapFS)["001_ok.sql"], "002_bad.sql": file("create table half (i int);")}
+	if res, err := newMigrator(t, cc, lane).Migrate(ctx, "slow"); err != nil || res.From != 1 || res.To != 2 {
+		t.Fatalf("fixed deploy: %+v, %v", res, err)
+	}
+	if st, _ := m.Status(ctx, conn); st[0].State != migrator.StateDone || st[0].Error != "" {
+		t.Fatalf("status after fix = %+v", st[0])
+	}
+}
+
+func TestCompletionNotifiesInTheSameTransaction(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	m := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: twoFiles})
+	if _, err := conn.Exec(ctx, "listen lanes_done"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Migrate(ctx, "fast"); err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	n, err := conn.WaitForNotification(wctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, err := migrator.ParseEvent(n.Payload)
+	if err != nil || ev != (migrator.Event{Lane: "fast", Version: 2, Done: true}) {
+		t.Fatalf("event = %+v, %v (payload %s)", ev, err, n.Payload)
+	}
+	// A blocking lane notifies only at its end: no second notification is pending.
+	wctx2, cancel2 := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel2()
+	if n, err := conn.WaitForNotification(wctx2); err == nil {
+		t.Fatalf("unexpected notification %s", n.Payload)
+	}
+}
+
+func TestDisableTxAndGoMigrations(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
+		"001_t.sql":   file("create table t (i int);"),
+		"003_idx.sql": file("---- tern: disable-tx ----\ndrop index concurrently if exists t_i;\ncreate index concurrently t_i on t (i);"),
+	}, Funcs: []migrator.GoMigration{{Version: 2, Name: "fill", Up: func(ctx context.Context, c *pgx.Conn) error {
+		_, err := c.Exec(ctx, "insert into t select generate_series(1, 100)")
+		return err
+	}}}}
+	if _, err := newMigrator(t, cc, lane).Migrate(ctx, "slow"); err != nil {
+		t.Fatal(err)
+	}
+	if n := queryInt(t, conn, "select count(*) from pg_index where indexrelid = 't_i'::regclass and indisvalid"); n != 1 {
+		t.Fatal("concurrent index missing or invalid")
+	}
+	if n := queryInt(t, conn, "select count(*) from t"); n != 100 {
+		t.Fatalf("rows = %d", n)
+	}
+}
+
+func TestGoMigrationErrorRollsBack(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{{Version: 1, Name: "half", Up: func(ctx context.Context, c *pgx.Conn) error {
+		if _, err := c.Exec(ctx, "create table half (i int)"); err != nil {
+			return err
+		}
+		return errors.New("gave up halfway")
+	}}}}
+	_, err := newMigrator(t, cc, lane).Migrate(ctx, "slow")
+	var me *migrator.MigrationError
+	if !errors.As(err, &me) || me.File != "001_half.go" || !strings.Contains(err.Error(), "gave up halfway") {
+		t.Fatalf("err = %v", err)
+	}
+	if n := queryInt(t, conn, "select count(*) from pg_tables where tablename = 'half'"); n != 0 {
+		t.Fatal("go migration's work was not rolled back")
+	}
+}
+
+func TestCancelRollsBackAndReleasesLock(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	started := make(chan struct{})
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{{Version: 1, Name: "long", Up: func(ctx context.Context, c *pgx.Conn) error {
+		if _, err := c.Exec(ctx, "create table long_t (i int)"); err != nil {
+			return err
+		}
+		close(started)
+		_, err := c.Exec(ctx, "select pg_sleep(60)")
+		return err
+	}}}}
+	m := newMigrator(t, cc, lane)
+	mctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { _, err := m.Migrate(mctx, "slow"); done <- err }()
+	select {
+	case <-started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("migration did not start")
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Logf("err = %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Migrate did not return after cancel")
+	}
+	if n := queryInt(t, conn, "select count(*) from pg_tables where tablename = 'long_t'"); n != 0 {
+		t.Fatal("cancelled migration left its table")
+	}
+	key, _ := m.LockKey("slow")
+	var free bool
+	if err := conn.QueryRow(ctx, "select pg_try_advisory_lock($1)", key).Scan(&free); err != nil || !free {
+		t.Fatalf("lane lock still held after cancel: %v", err)
+	}
+}
