@@ -108,10 +108,12 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 }
 
 // blockedByFailure reports whether the lane's last attempt failed permanently on the very file
-// this binary would run next (same checksum), so that running it again is pointless.
+// this binary would run next (same checksum), so that running it again is pointless. Whether
+// some session holds the lock does not matter: a deploy with a fixed file that applies it moves
+// the version on, and that clears the failure.
 func (r *Runtime) blockedByFailure(l migrator.LaneInfo, st migrator.LaneStatus) bool {
 	f := st.Failure
-	if f == nil || f.Transient || st.Locked || f.Version != st.Version+1 || int(f.Version) > len(l.Migrations) {
+	if f == nil || f.Transient || f.Version != st.Version+1 || int(f.Version) > len(l.Migrations) {
 		return false
 	}
 	return l.Migrations[f.Version-1].Checksum == f.Checksum

@@ -161,13 +161,16 @@ values ($1, $2, $3, $4, $5, $6, $7, $8, $9)`, l.Name, mig.Version, mig.Name, mig
 	return nil
 }
 
-// recordFailure writes the failed attempt to the history table and announces it, best effort:
-// when the connection is gone or the caller stopped, the failure is only returned.
-func (m *Migrator) recordFailure(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration, start time.Time, cause error) {
+// recordFailure writes the failed attempt to the history table, best effort: when the
+// connection is gone or the caller stopped, the failure is only returned. It returns the event
+// to announce after the lane's lock is released (nil when nothing was recorded): announced
+// earlier, replicas re-reading the lane would still see it locked and could not tell a failed
+// lane from a running one.
+func (m *Migrator) recordFailure(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration, start time.Time, cause error) *Event {
 	log := m.cfg.Logger.Error().Err(cause).Str("lane", l.Name).Int32("version", mig.Version).Str("file", mig.Name)
 	if ctx.Err() != nil || conn.IsClosed() {
 		log.Msg("migration stopped")
-		return
+		return nil
 	}
 	log.Bool("transient", IsTransient(cause)).Msg("migration failed")
 	var me *MigrationError
@@ -182,15 +185,21 @@ func (m *Migrator) recordFailure(ctx context.Context, conn *pgx.Conn, l *loadedL
 			stmt = &me.Statement
 		}
 	}
-	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "insert into "+m.history.Quoted()+` (lane, version, name, checksum, started_at, finished_at, host, pid, application_name, error, sqlstate, statement)
-values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`, l.Name, mig.Version, mig.Name, mig.Checksum, start, m.cfg.Now(), m.host, m.pid, m.appName, msg, sqlstate, stmt); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, "select pg_notify($1, $2)", m.cfg.Channel, Event{Lane: l.Name, Version: mig.Version, Error: msg}.payload())
-		return err
-	})
+	_, err := conn.Exec(ctx, "insert into "+m.history.Quoted()+` (lane, version, name, checksum, started_at, finished_at, host, pid, application_name, error, sqlstate, statement)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`, l.Name, mig.Version, mig.Name, mig.Checksum, start, m.cfg.Now(), m.host, m.pid, m.appName, msg, sqlstate, stmt)
 	if err != nil {
 		m.cfg.Logger.Warn().Err(err).Str("lane", l.Name).Msg("could not record the failure in the history table")
+		return nil
+	}
+	return &Event{Lane: l.Name, Version: mig.Version, Error: msg}
+}
+
+// announce sends ev on the channel, best effort.
+func (m *Migrator) announce(ctx context.Context, conn *pgx.Conn, ev Event) {
+	if conn.IsClosed() {
+		return
+	}
+	if _, err := conn.Exec(ctx, "select pg_notify($1, $2)", m.cfg.Channel, ev.payload()); err != nil {
+		m.cfg.Logger.Warn().Err(err).Str("lane", ev.Lane).Msg("could not announce the failure")
 	}
 }

@@ -14,6 +14,10 @@ import (
 // ErrLocked is returned by TryMigrate when another session holds the lane's lock.
 var ErrLocked = errors.New("lane is locked by another session")
 
+// ErrFailedBefore is wrapped by the *MigrationError TryMigrate returns instead of re-running a
+// migration whose last attempt failed permanently, unchanged since.
+var ErrFailedBefore = errors.New("failed before and unchanged since; not retried")
+
 // ErrUnknownLane is returned for a lane name the Migrator was not given.
 var ErrUnknownLane = errors.New("unknown lane")
 

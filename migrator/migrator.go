@@ -207,8 +207,10 @@ func (m *Migrator) Migrate(ctx context.Context, lane string) (Result, error) {
 	return m.run(ctx, lane, true)
 }
 
-// TryMigrate is Migrate without waiting: it returns ErrLocked at once when another session
-// holds the lane's lock.
+// TryMigrate is Migrate for replicas that retry on their own schedule: it returns ErrLocked at
+// once when another session holds the lane's lock, and it does not re-run a migration whose last
+// attempt failed with a permanent error while the file is unchanged (same checksum): it returns
+// a *MigrationError wrapping ErrFailedBefore instead. Migrate, run by an operator, re-runs it.
 func (m *Migrator) TryMigrate(ctx context.Context, lane string) (Result, error) {
 	return m.run(ctx, lane, false)
 }
@@ -277,9 +279,17 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 			return done(v)
 		}
 	}
+	var failure *Event // announced once the lock is released, see recordFailure
 	defer func() {
-		if uerr := lock.unlock(ctx); uerr != nil && err == nil {
-			err = fmt.Errorf("lane %q: %w", name, uerr)
+		if uerr := lock.unlock(ctx); uerr != nil {
+			m.cfg.Logger.Warn().Err(uerr).Str("lane", name).Msg("could not release the lane lock; closing the connection releases it")
+			_ = conn.Close(ctx)
+			if err == nil {
+				err = fmt.Errorf("lane %q: %w", name, uerr)
+			}
+		}
+		if failure != nil {
+			m.announce(ctx, conn, *failure)
 		}
 	}()
 
@@ -299,11 +309,16 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	if v < 0 {
 		return res, fmt.Errorf("lane %q: version table %s holds version %d", name, l.table, v)
 	}
+	if !wait {
+		if err := m.failedBefore(ctx, conn, l, l.migrations[v]); err != nil {
+			return res, err
+		}
+	}
 	for ; v < l.latest(); v++ {
 		mig := l.migrations[v]
 		start := m.cfg.Now()
 		if err := m.apply(ctx, conn, l, mig, start); err != nil {
-			m.recordFailure(ctx, conn, l, mig, start, err)
+			failure = m.recordFailure(ctx, conn, l, mig, start, err)
 			res.To = v
 			return res, err
 		}
@@ -328,6 +343,30 @@ func (m *Migrator) Connect(ctx context.Context) (*pgx.Conn, error) {
 		return nil, fmt.Errorf("connect: %w", err)
 	}
 	return conn, nil
+}
+
+// failedBefore returns a *MigrationError wrapping ErrFailedBefore when the lane's last recorded
+// attempt was this very migration (same version and checksum) and failed permanently.
+func (m *Migrator) failedBefore(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration) error {
+	var (
+		version       int32
+		checksum      string
+		msg, sqlstate *string
+	)
+	err := conn.QueryRow(ctx, "select version, checksum, error, sqlstate from "+m.history.Quoted()+
+		" where lane = $1 order by id desc limit 1", l.Name).Scan(&version, &checksum, &msg, &sqlstate)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("lane %q: read history: %w", l.Name, err)
+	}
+	if msg == nil || version != mig.Version || checksum != mig.Checksum || TransientSQLState(deref(sqlstate)) {
+		return nil
+	}
+	// The recorded message already names the lane, file and statement.
+	return &MigrationError{Lane: l.Name, Version: mig.Version, File: mig.Name,
+		SQLState: deref(sqlstate), Err: fmt.Errorf("%w: %s", ErrFailedBefore, *msg)}
 }
 
 // readVersion reads a lane's version without any lock; a missing version table is version 0.

@@ -96,7 +96,8 @@ func (s statusQuery) run(ctx context.Context, q Querier) ([]LaneStatus, error) {
 		}
 		key := l.table.lockKey()
 		fmt.Fprintf(&b, `select %d, coalesce(%s, 0),
-  exists (select 1 from pg_locks where locktype = 'advisory' and classid = %d and objid = %d and objsubid = 1 and granted)`,
+  exists (select 1 from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database())
+    and classid = %d and objid = %d and objsubid = 1 and granted)`,
 			i, version, uint32(uint64(key)>>32), uint32(uint64(key)))
 		if historyExists {
 			fmt.Fprintf(&b, `, h.version, h.name, h.error, h.sqlstate, h.statement, h.finished_at, h.checksum

@@ -74,6 +74,10 @@ var inMain atomic.Bool
 func RunMain(m *testing.M) {
 	inMain.Store(true)
 	code := m.Run()
+	if err := dropExampleDBs(); err != nil {
+		fmt.Fprintf(os.Stderr, "pgtest: %v\n", err)
+		code = max(code, 1)
+	}
 	if err := shutdown(); err != nil {
 		fmt.Fprintf(os.Stderr, "pgtest: stop %s: %v\n", server.backend, err)
 		code = max(code, 1)
@@ -153,6 +157,54 @@ func NewDB(t testing.TB) string {
 		}
 	})
 	return dbURL
+}
+
+// exampleDBs are the databases made by ExampleDB, dropped by RunMain.
+var exampleDBs struct {
+	mu    sync.Mutex
+	names []string
+}
+
+// ExampleDB returns the URL of a fresh database for a runnable Example function, which has no
+// testing.T: it is dropped by RunMain after every test and example has run. Without a server it
+// prints why to stderr and returns "", so the example fails (examples cannot skip).
+func ExampleDB() string {
+	server.once.Do(choose)
+	if server.err != nil {
+		fmt.Fprintf(os.Stderr, "pgtest: example without a database: %v\n", server.err)
+		return ""
+	}
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	name := "lanes_x_" + hex.EncodeToString(b[:])
+	dbURL, err := withDatabase(server.url, name)
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		err = adminExec(ctx, server.url, "create database "+pgx.Identifier{name}.Sanitize()+" template template0")
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "pgtest: example database: %v\n", err)
+		return ""
+	}
+	exampleDBs.mu.Lock()
+	exampleDBs.names = append(exampleDBs.names, name)
+	exampleDBs.mu.Unlock()
+	return dbURL
+}
+
+// dropExampleDBs drops the databases made by ExampleDB.
+func dropExampleDBs() error {
+	exampleDBs.mu.Lock()
+	defer exampleDBs.mu.Unlock()
+	var errs []error
+	for _, name := range exampleDBs.names {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		errs = append(errs, adminExec(ctx, server.url, "drop database if exists "+pgx.Identifier{name}.Sanitize()+" with (force)"))
+		cancel()
+	}
+	exampleDBs.names = nil
+	return errors.Join(errs...)
 }
 
 // adminExec runs one statement on a new connection to the admin URL.

@@ -1,0 +1,416 @@
+package app_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"testing/fstest"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
+	"os"
+
+	"github.com/multilanes/lanes/app"
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/migrator"
+	"github.com/multilanes/lanes/notifier"
+)
+
+func TestMain(m *testing.M) { pgtest.RunMain(m) }
+
+func file(s string) *fstest.MapFile { return &fstest.MapFile{Data: []byte(s)} }
+
+var fastLane = migrator.Lane{Name: "fast", FS: fstest.MapFS{
+	"001_create.sql": file("create table example (i int);"),
+	"002_seed.sql":   file("insert into example values (1);"),
+}}
+
+// gate is a slow Go migration that waits until released, counting its runs.
+type gate struct {
+	runs    atomic.Int32
+	started chan struct{}
+	release chan struct{}
+}
+
+func newGate() *gate { return &gate{started: make(chan struct{}, 100), release: make(chan struct{})} }
+
+func (g *gate) up(ctx context.Context, conn *pgx.Conn) error {
+	g.runs.Add(1)
+	g.started <- struct{}{}
+	select {
+	case <-g.release:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	_, err := conn.Exec(ctx, "insert into example values (2)")
+	return err
+}
+
+func slowLane(g *gate) migrator.Lane {
+	return migrator.Lane{Name: "slow", Mode: migrator.Background,
+		FS:    fstest.MapFS{"002_after.sql": file("insert into example values (3);")},
+		Funcs: []migrator.GoMigration{{Version: 1, Name: "load", Up: g.up}}}
+}
+
+type env struct {
+	t   *testing.T
+	url string
+	cc  *pgx.ConnConfig
+}
+
+func newEnv(t *testing.T) *env {
+	url := pgtest.NewDB(t)
+	cc, err := pgx.ParseConfig(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{t: t, url: url, cc: cc}
+}
+
+// replica returns a started Runtime, closed at cleanup.
+func (e *env) replica(lanes ...migrator.Lane) *app.Runtime {
+	r := e.runtime(lanes...)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := r.Start(ctx); err != nil {
+		e.t.Fatal(err)
+	}
+	return r
+}
+
+func (e *env) runtime(lanes ...migrator.Lane) *app.Runtime {
+	m, err := migrator.New(e.cc, lanes, migrator.Config{LockPollInterval: 20 * time.Millisecond})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	r, err := app.New(m, app.Config{Logger: zerolog.New(os.Stderr).Level(zerolog.DebugLevel), TakeoverInterval: 100 * time.Millisecond, RetryMin: 20 * time.Millisecond, RetryMax: 200 * time.Millisecond,
+		Notifier: notifier.Config{PingInterval: time.Second}})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { r.Close() })
+	return r
+}
+
+func (e *env) exec(sql string, args ...any) {
+	e.t.Helper()
+	conn, err := pgx.ConnectConfig(context.Background(), e.cc)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(context.Background(), sql, args...); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func waitDone(t *testing.T, r *app.Runtime, lane string) {
+	t.Helper()
+	select {
+	case <-r.Done(lane):
+	case <-time.After(20 * time.Second):
+		t.Fatalf("lane %s never done (version %d)", lane, r.Version(lane))
+	}
+}
+
+func waitStarted(t *testing.T, g *gate) {
+	t.Helper()
+	select {
+	case <-g.started:
+	case <-time.After(20 * time.Second):
+		t.Fatal("slow migration never started")
+	}
+}
+
+func TestReplicasLearnOfCompletionThroughListen(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	g := newGate()
+	var rs []*app.Runtime
+	for range 3 {
+		rs = append(rs, e.replica(fastLane, slowLane(g)))
+	}
+	waitStarted(t, g)
+	for i, r := range rs {
+		if !r.Ready() || !r.IsDone("fast") || r.IsDone("slow") {
+			t.Fatalf("replica %d: ready=%v fast=%v slow=%v", i, r.Ready(), r.IsDone("fast"), r.IsDone("slow"))
+		}
+	}
+	close(g.release)
+	for _, r := range rs {
+		waitDone(t, r, "slow")
+	}
+	if n := g.runs.Load(); n != 1 {
+		t.Fatalf("slow migration ran %d times", n)
+	}
+	for i, r := range rs {
+		s := r.Listener().Stats()
+		if s.Polls != 0 || r.Listener().Mode() != notifier.ModeListening {
+			t.Fatalf("replica %d polled: %+v mode %s", i, s, r.Listener().Mode())
+		}
+		if s.Notifications == 0 {
+			t.Fatalf("replica %d received no notification: %+v", i, s)
+		}
+	}
+}
+
+func TestReplicaStartingDuringSlowMigrationIsReadyAtOnce(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	g := newGate()
+	first := e.replica(fastLane, slowLane(g))
+	waitStarted(t, g) // the first replica now holds the slow lane's lock inside its migration
+	// A new replica becomes ready while the slow migration still runs: Start does not wait for
+	// the slow lane's lock (the gate is still closed, so waiting would hang until the timeout).
+	late := e.replica(fastLane, slowLane(g))
+	if !late.Ready() || late.IsDone("slow") {
+		t.Fatalf("late replica: ready=%v slow done=%v", late.Ready(), late.IsDone("slow"))
+	}
+	st, err := late.Status(context.Background())
+	if err != nil || st.Lanes[1].State != migrator.StateRunning {
+		t.Fatalf("status = %+v, %v", st, err)
+	}
+	close(g.release)
+	waitDone(t, late, "slow")
+	waitDone(t, first, "slow")
+}
+
+func TestWaitVersionOpensAFeatureBeforeTheLaneEnds(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	block := make(chan struct{})
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{
+		{Version: 1, Name: "one", Up: func(ctx context.Context, c *pgx.Conn) error { return nil }},
+		{Version: 2, Name: "two", Up: func(ctx context.Context, c *pgx.Conn) error {
+			select {
+			case <-block:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}},
+	}}
+	applier := e.replica(fastLane, lane)
+	watcher := e.replica(fastLane, lane)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, r := range []*app.Runtime{applier, watcher} {
+		if err := r.WaitVersion(ctx, "slow", 1); err != nil {
+			t.Fatal(err)
+		}
+		if r.IsDone("slow") {
+			t.Fatal("lane done before its last migration")
+		}
+	}
+	short, cancelShort := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancelShort()
+	if err := watcher.Wait(short, "slow"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Wait = %v, want deadline exceeded", err)
+	}
+	close(block)
+	for _, r := range []*app.Runtime{applier, watcher} {
+		if err := r.Wait(ctx, "slow"); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestSpoofedNotificationsNeverMakeALaneDone(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	g := newGate()
+	applier := e.replica(fastLane, slowLane(g))
+	waitStarted(t, g)
+	watcher := e.replica(fastLane, slowLane(g))
+	before := watcher.Listener().Stats().Notifications
+	for _, payload := range []string{
+		`{"lane":"slow","version":99,"done":true}`,
+		`{"lane":"slow","version":2,"done":true}`,
+		`not json`,
+		`{"lane":"../../etc","version":1}`,
+		strings.Repeat("x", 7999),
+	} {
+		e.exec("select pg_notify('lanes_done', $1)", payload)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for watcher.Listener().Stats().Notifications < before+5 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := watcher.Listener().Stats().Notifications; got < before+5 {
+		t.Fatalf("watcher received %d of 5 spoofed notifications", got-before)
+	}
+	if watcher.IsDone("slow") || applier.IsDone("slow") {
+		t.Fatal("a spoofed notification made the lane look done")
+	}
+	close(g.release)
+	waitDone(t, watcher, "slow")
+}
+
+func TestPermanentFailureIsReportedAndNotRetried(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	bad := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
+		"001_ok.sql":  file("create table ok (i int);"),
+		"002_bad.sql": file("select * from no_such_table;"),
+	}}
+	var rs []*app.Runtime
+	for range 3 {
+		rs = append(rs, e.replica(fastLane, bad))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for i, r := range rs {
+		err := r.Wait(ctx, "slow")
+		var fe *app.FailedError
+		if !errors.As(err, &fe) || fe.Failure.File != "002_bad.sql" || !strings.Contains(err.Error(), "no_such_table") {
+			t.Fatalf("replica %d: Wait = %v", i, err)
+		}
+		if !r.Ready() || r.Version("slow") != 1 {
+			t.Fatalf("replica %d: ready=%v version=%d", i, r.Ready(), r.Version("slow"))
+		}
+	}
+	// Give the replicas several takeover intervals to (wrongly) retry.
+	time.Sleep(500 * time.Millisecond)
+	conn, err := pgx.ConnectConfig(ctx, e.cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var failures int
+	if err := conn.QueryRow(ctx, "select count(*) from lanes_history where lane = 'slow' and error is not null").Scan(&failures); err != nil {
+		t.Fatal(err)
+	}
+	if failures != 1 {
+		t.Fatalf("failed migration attempted %d times, want 1", failures)
+	}
+	// A deploy with the fixed file continues from version 1.
+	fixed := bad
+	fixed.FS = fstest.MapFS{"001_ok.sql": bad.FS.(fstest.MapFS)["001_ok.sql"], "002_bad.sql": file("select 1;")}
+	r := e.replica(fastLane, fixed)
+	waitDone(t, r, "slow")
+	for _, old := range rs {
+		waitDone(t, old, "slow")
+	}
+}
+
+func TestTakeoverWhenTheApplyingSessionDies(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	g := newGate()
+	a := e.replica(fastLane, slowLane(g))
+	waitStarted(t, g)
+	b := e.replica(fastLane, slowLane(g))
+	// Kill the session applying the slow lane, as a crash or a killed pod would.
+	e.exec(`select pg_terminate_backend(l.pid) from pg_locks l
+where l.locktype = 'advisory' and l.granted and l.pid <> pg_backend_pid() and l.database = (select oid from pg_database where datname = current_database())`)
+	close(g.release)
+	waitDone(t, b, "slow")
+	waitDone(t, a, "slow")
+	conn, err := pgx.ConnectConfig(context.Background(), e.cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	var rows, applied int
+	if err := conn.QueryRow(context.Background(), "select count(*) from example where i = 2").Scan(&rows); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.QueryRow(context.Background(), "select count(*) from lanes_history where lane = 'slow' and version = 1 and error is null").Scan(&applied); err != nil {
+		t.Fatal(err)
+	}
+	if rows != 1 || applied != 1 || g.runs.Load() < 2 {
+		t.Fatalf("rows=%d applied=%d runs=%d: want the killed run rolled back and one run committed", rows, applied, g.runs.Load())
+	}
+}
+
+func TestCloseStopsARunningMigration(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	g := newGate()
+	r := e.replica(fastLane, slowLane(g))
+	waitStarted(t, g)
+	done := make(chan error, 1)
+	go func() { done <- r.Close() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return while a migration ran")
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal("second Close:", err)
+	}
+	// The lock is free and nothing of the migration stayed: another replica applies it.
+	close(g.release)
+	r2 := e.replica(fastLane, slowLane(g))
+	waitDone(t, r2, "slow")
+	if n := g.runs.Load(); n != 2 {
+		t.Fatalf("runs = %d", n)
+	}
+}
+
+func TestStartFailsFastOnABadDatabase(t *testing.T) {
+	t.Parallel()
+	cc, err := pgx.ParseConfig("postgres://nobody:s3cr3t@127.0.0.1:1/nowhere?connect_timeout=2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := migrator.New(cc, []migrator.Lane{fastLane}, migrator.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := app.New(m, app.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	err = r.Start(context.Background())
+	if err == nil || strings.Contains(err.Error(), "s3cr3t") {
+		t.Fatalf("Start = %v", err)
+	}
+	if r.Ready() {
+		t.Fatal("ready without a database")
+	}
+}
+
+func ExampleRuntime() {
+	ctx := context.Background()
+	cc, err := pgx.ParseConfig(pgtest.ExampleDB())
+	if err != nil {
+		panic(err)
+	}
+	fast := migrator.Lane{Name: "fast", Mode: migrator.Blocking, FS: fstest.MapFS{
+		"001_create.sql": {Data: []byte("create table items (id int primary key, name text);")},
+	}}
+	slow := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
+		"001_index.sql": {Data: []byte("---- tern: disable-tx ----\ncreate index concurrently if not exists items_name on items (name);")},
+	}}
+	m, err := migrator.New(cc, []migrator.Lane{fast, slow}, migrator.Config{})
+	if err != nil {
+		panic(err)
+	}
+	r, err := app.New(m, app.Config{})
+	if err != nil {
+		panic(err)
+	}
+	defer r.Close()
+	if err := r.Start(ctx); err != nil { // returns once the fast lane is applied
+		panic(err)
+	}
+	fmt.Println("ready:", r.Ready())
+	select { // open the feature that needs the index once the slow lane is done
+	case <-r.Done("slow"):
+		fmt.Println("search by name enabled")
+	case <-time.After(30 * time.Second):
+		fmt.Println("still waiting")
+	}
+	// Output:
+	// ready: true
+	// search by name enabled
+}
