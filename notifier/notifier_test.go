@@ -1,0 +1,264 @@
+package notifier_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/rs/zerolog"
+
+	"github.com/multilanes/lanes/internal/faultproxy"
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/notifier"
+)
+
+func TestMain(m *testing.M) { pgtest.RunMain(m) }
+
+// state is the durable state a handler reads: one integer in a table.
+type state struct {
+	mu    sync.Mutex
+	seen  int
+	calls int
+	hints int
+}
+
+func (s *state) handler(ctx context.Context, conn *pgx.Conn, n *pgconn.Notification) error {
+	var v int
+	if err := conn.QueryRow(ctx, "select v from state").Scan(&v); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.seen, s.calls = v, s.calls+1
+	if n != nil {
+		s.hints++
+	}
+	return nil
+}
+
+func (s *state) get() (seen, calls, hints int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.seen, s.calls, s.hints
+}
+
+// syncBuffer is a log sink safe for concurrent writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+type env struct {
+	t     *testing.T
+	cc    *pgx.ConnConfig
+	admin *pgx.Conn
+}
+
+func newEnv(t *testing.T) *env {
+	cc, err := pgx.ParseConfig(pgtest.NewDB(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, err := pgx.ConnectConfig(context.Background(), cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { admin.Close(context.Background()) })
+	e := &env{t: t, cc: cc, admin: admin}
+	e.exec("create table state (v int); insert into state values (0)")
+	return e
+}
+
+func (e *env) exec(sql string, args ...any) {
+	e.t.Helper()
+	if _, err := e.admin.Exec(context.Background(), sql, args...); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// commit sets the durable state and notifies in one transaction, as the migrator does.
+func (e *env) commit(v int) {
+	e.exec(fmt.Sprintf("begin; update state set v = %d; select pg_notify('lanes_done', 'v%d'); commit", v, v))
+}
+
+// proxied returns a connection config that goes through a fault proxy to the test server.
+func (e *env) proxied() (*pgx.ConnConfig, *faultproxy.Proxy) {
+	host, port := e.cc.Host, e.cc.Port
+	if strings.HasPrefix(host, "/") { // a Unix socket: the local server also listens on TCP
+		host = "127.0.0.1"
+	}
+	p, err := faultproxy.New(fmt.Sprintf("%s:%d", host, port))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { p.Close() })
+	cc := e.cc.Copy()
+	cc.Host, cc.Port, cc.TLSConfig, cc.Fallbacks = "127.0.0.1", uint16(p.Addr().Port), nil, nil
+	return cc, p
+}
+
+func (e *env) listener(cc *pgx.ConnConfig, s *state, cfg notifier.Config) *notifier.Listener {
+	cfg.Channel = "lanes_done"
+	l, err := notifier.New(cc, cfg, s.handler)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := l.Start(ctx); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(l.Stop)
+	return l
+}
+
+func eventually(t *testing.T, what string, within time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %s", what, within)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestNotificationTriggersARead(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	s := &state{}
+	l := e.listener(e.cc, s, notifier.Config{})
+	if _, calls, _ := s.get(); calls != 1 {
+		t.Fatalf("Start should read the state once, read %d times", calls)
+	}
+	e.commit(1)
+	eventually(t, "state 1 seen", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
+	if _, _, hints := s.get(); hints != 1 || l.Mode() != notifier.ModeListening {
+		t.Fatalf("hints = %d, mode = %s", hints, l.Mode())
+	}
+	// A rolled-back transaction notifies nobody.
+	e.exec("begin; update state set v = 9; select pg_notify('lanes_done', 'v9'); rollback")
+	e.commit(2)
+	eventually(t, "state 2 seen", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 2 })
+	if _, _, hints := s.get(); hints != 2 {
+		t.Fatalf("hints = %d, want 2: the rolled-back notification must not arrive", hints)
+	}
+}
+
+func TestReconnectAfterTerminateReadsWhatWasMissed(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	s := &state{}
+	cc := e.cc.Copy()
+	cc.RuntimeParams = map[string]string{"application_name": "notifier_terminate_test"}
+	l := e.listener(cc, s, notifier.Config{ReconnectMin: 300 * time.Millisecond, ReconnectMax: 300 * time.Millisecond})
+	e.exec("select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'notifier_terminate_test' and datname = current_database()")
+	// Committed while the listener is disconnected: the notification is lost, the state is not.
+	e.commit(1)
+	eventually(t, "state 1 seen after the reconnect", 10*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
+	if st := l.Stats(); st.Connects < 2 {
+		t.Fatalf("connects = %d, want a reconnect", st.Connects)
+	}
+	eventually(t, "listening again", 5*time.Second, func() bool { return l.Mode() == notifier.ModeListening })
+	e.commit(2)
+	eventually(t, "state 2 seen by notification", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 2 })
+}
+
+func TestHalfOpenConnectionIsDetectedByPing(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	s := &state{}
+	cc, proxy := e.proxied()
+	l := e.listener(cc, s, notifier.Config{PingInterval: 200 * time.Millisecond, PingTimeout: 300 * time.Millisecond,
+		ReconnectMin: 50 * time.Millisecond, ReconnectMax: 200 * time.Millisecond})
+	proxy.SetBlackhole(true) // packets vanish; no FIN, no RST
+	e.commit(1)              // the notification is stuck in the black hole
+	time.Sleep(time.Second)  // several ping intervals: the listener must have given up on the connection
+	if v, _, _ := s.get(); v != 0 {
+		t.Fatal("state seen through a black hole")
+	}
+	if l.Mode() == notifier.ModeListening {
+		t.Fatal("listener still believes a half-open connection is listening")
+	}
+	proxy.SetBlackhole(false)
+	eventually(t, "state 1 seen after the partition heals", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
+	if st := l.Stats(); st.Connects < 2 {
+		t.Fatalf("connects = %d, want a new connection", st.Connects)
+	}
+}
+
+func TestDeafListenFallsBackToPollingAndLogsOnce(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	s := &state{}
+	cc, proxy := e.proxied()
+	proxy.SetDeaf(true) // LISTEN is accepted, notifications never arrive: a pooler in transaction mode
+	var logs syncBuffer
+	l := e.listener(cc, s, notifier.Config{PollInterval: 50 * time.Millisecond, RelistenInterval: 300 * time.Millisecond,
+		ProbeTimeout: 200 * time.Millisecond, ReconnectMin: 10 * time.Millisecond, ReconnectMax: 20 * time.Millisecond,
+		Logger: zerolog.New(&logs)})
+	if l.Mode() != notifier.ModePolling {
+		t.Fatalf("mode = %s, want polling", l.Mode())
+	}
+	e.commit(1)
+	eventually(t, "state 1 seen by polling", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
+	time.Sleep(time.Second) // several relisten attempts, all deaf
+	if n := strings.Count(logs.String(), "polling instead"); n != 1 {
+		t.Fatalf("fallback logged %d times, want once:\n%s", n, logs.String())
+	}
+	if st := l.Stats(); st.Polls == 0 {
+		t.Fatalf("stats = %+v", st)
+	}
+	proxy.SetDeaf(false)
+	eventually(t, "listening again", 5*time.Second, func() bool { return l.Mode() == notifier.ModeListening })
+	if !strings.Contains(logs.String(), "LISTEN works again") {
+		t.Fatalf("recovery not logged:\n%s", logs.String())
+	}
+	polls := l.Stats().Polls
+	e.commit(2)
+	eventually(t, "state 2 seen by notification", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 2 })
+	time.Sleep(200 * time.Millisecond)
+	if got := l.Stats().Polls; got != polls {
+		t.Fatalf("still polling while listening: %d polls, then %d", polls, got)
+	}
+}
+
+func TestStartFailsFastAndStopIsIdempotent(t *testing.T) {
+	t.Parallel()
+	cc, err := pgx.ParseConfig("postgres://u:s3cr3t@127.0.0.1:1/db?sslmode=disable")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := notifier.New(cc, notifier.Config{Channel: "lanes_done", PingTimeout: time.Second},
+		func(context.Context, *pgx.Conn, *pgconn.Notification) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = l.Start(context.Background())
+	if err == nil || strings.Contains(err.Error(), "s3cr3t") {
+		t.Fatalf("Start = %v", err)
+	}
+	l.Stop()
+	l.Stop()
+	if _, err := notifier.New(cc, notifier.Config{Channel: strings.Repeat("x", 64)}, func(context.Context, *pgx.Conn, *pgconn.Notification) error { return nil }); err == nil {
+		t.Fatal("accepted a 64-byte channel")
+	}
+}
