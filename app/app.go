@@ -60,6 +60,8 @@ type Runtime struct {
 type laneState struct {
 	status migrator.LaneStatus
 	done   chan struct{} // closed once status.Done()
+	via    string        // how this replica learned the lane was done
+	doneAt time.Time     // when it learned it
 }
 
 // New returns a Runtime for the Migrator's lanes. It does not connect.
@@ -260,16 +262,50 @@ func (r *Runtime) laneInfo(lane string) migrator.LaneInfo {
 	return migrator.LaneInfo{Name: lane}
 }
 
-// Status is a replica's view: the lanes read fresh from the database, plus this replica's state.
+// Status is the lanes read fresh from the database, plus what this replica knows.
 type Status struct {
-	Lanes    []migrator.LaneStatus `json:"lanes"`
-	Ready    bool                  `json:"ready"`
-	Listener notifier.Mode         `json:"listener"`
+	Lanes   []migrator.LaneStatus `json:"lanes"`
+	Replica ReplicaView           `json:"replica"`
 }
 
-// Status reads the lanes' state from the database (two short queries on a small pool).
+// ReplicaView is what one replica knows, from its own migrations and its listener.
+type ReplicaView struct {
+	Ready         bool          `json:"ready"`
+	Listener      notifier.Mode `json:"listener"`
+	Notifications int           `json:"notifications"` // received by the listener
+	Lanes         []KnownLane   `json:"lanes"`
+}
+
+// KnownLane is a lane as this replica last saw it.
+type KnownLane struct {
+	Name    string     `json:"name"`
+	Version int32      `json:"version"`
+	Done    bool       `json:"done"`
+	Via     string     `json:"via,omitempty"`     // how it learned the lane was done: applied, notification, connect, poll
+	DoneAt  *time.Time `json:"done_at,omitempty"` // when it learned it
+}
+
+// View returns what this replica knows, without any query.
+func (r *Runtime) View() ReplicaView {
+	v := ReplicaView{Ready: r.Ready(), Listener: r.listener.Mode(), Notifications: r.listener.Stats().Notifications}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, l := range r.lanes {
+		s := r.state[l.Name]
+		k := KnownLane{Name: l.Name, Version: s.status.Version, Done: s.status.Done(), Via: s.via}
+		if !s.doneAt.IsZero() {
+			at := s.doneAt
+			k.DoneAt = &at
+		}
+		v.Lanes = append(v.Lanes, k)
+	}
+	return v
+}
+
+// Status reads the lanes' state from the database (two short queries on a small pool) and adds
+// this replica's view.
 func (r *Runtime) Status(ctx context.Context) (Status, error) {
-	st := Status{Ready: r.Ready(), Listener: r.listener.Mode()}
+	st := Status{Replica: r.View()}
 	if r.pool == nil {
 		return st, errors.New("app: not started")
 	}
@@ -345,6 +381,7 @@ func (r *Runtime) update(lanes []migrator.LaneStatus, via string) {
 		s.status = st
 		if st.Done() && !wasDone {
 			close(s.done)
+			s.via, s.doneAt = via, time.Now()
 			r.log.Info().Str("lane", st.Name).Int32("version", st.Version).Str("via", via).Msg("lane done")
 		}
 	}

@@ -147,6 +147,15 @@ func TestReplicasLearnOfCompletionThroughListen(t *testing.T) {
 	if n := g.runs.Load(); n != 1 {
 		t.Fatalf("slow migration ran %d times", n)
 	}
+	via := map[string]int{}
+	for _, r := range rs {
+		via[r.View().Lanes[1].Via]++
+	}
+	// The two replicas that did not apply the lane learned it by notification; the one that did
+	// knows it either from its own commit or from its own notification, whichever came first.
+	if via["notification"] < 2 || via["applied"]+via["notification"] != 3 {
+		t.Fatalf("how replicas learned the slow lane was done: %v; want 2 or 3 by notification, the rest applied", via)
+	}
 	for i, r := range rs {
 		s := r.Listener().Stats()
 		if s.Polls != 0 || r.Listener().Mode() != notifier.ModeListening {
