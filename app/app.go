@@ -64,7 +64,8 @@ type laneState struct {
 	doneAt time.Time     // when it learned it
 }
 
-// New returns a Runtime for the Migrator's lanes. It does not connect.
+// New returns a Runtime for the Migrator's lanes. It does not connect. Call Close to release
+// it, whether or not Start was called.
 func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	if m == nil {
 		return nil, errors.New("app: nil migrator")
@@ -93,6 +94,16 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 		return nil, fmt.Errorf("app: %w", err)
 	}
 	r.listener = l
+	// The pool serves Status; it connects on first use only.
+	pcfg, err := pgxpool.ParseConfig("")
+	if err != nil {
+		return nil, fmt.Errorf("app: %w", err)
+	}
+	pcfg.ConnConfig = m.ConnConfig()
+	pcfg.MaxConns, pcfg.MinConns, pcfg.MaxConnIdleTime = 2, 0, time.Minute
+	if r.pool, err = pgxpool.NewWithConfig(context.Background(), pcfg); err != nil {
+		return nil, fmt.Errorf("app: %w", err)
+	}
 	return r, nil
 }
 
@@ -110,17 +121,7 @@ func (r *Runtime) Start(ctx context.Context) error {
 	r.started = true
 	r.mu.Unlock()
 
-	pcfg, err := pgxpool.ParseConfig("")
-	if err != nil {
-		return fmt.Errorf("app: %w", err)
-	}
-	pcfg.ConnConfig = r.m.ConnConfig()
-	pcfg.MaxConns, pcfg.MinConns, pcfg.MaxConnIdleTime = 2, 0, time.Minute
-	if r.pool, err = pgxpool.NewWithConfig(ctx, pcfg); err != nil {
-		return fmt.Errorf("app: %w", err)
-	}
 	if err := r.listener.Start(ctx); err != nil {
-		r.pool.Close()
 		return fmt.Errorf("app: %w", err)
 	}
 	for _, l := range r.lanes {
@@ -130,7 +131,6 @@ func (r *Runtime) Start(ctx context.Context) error {
 		res, err := r.m.Migrate(ctx, l.Name)
 		if err != nil {
 			r.listener.Stop()
-			r.pool.Close()
 			return fmt.Errorf("app: blocking %w", err)
 		}
 		r.applied(res)
@@ -302,13 +302,11 @@ func (r *Runtime) View() ReplicaView {
 	return v
 }
 
-// Status reads the lanes' state from the database (two short queries on a small pool) and adds
-// this replica's view.
+// Status reads the lanes' state from the database (two short queries on a small pool of at most
+// two connections, opened on first use) and adds this replica's view. It works before and
+// during Start, so a readiness endpoint can show what a starting replica waits for.
 func (r *Runtime) Status(ctx context.Context) (Status, error) {
 	st := Status{Replica: r.View()}
-	if r.pool == nil {
-		return st, errors.New("app: not started")
-	}
 	lanes, err := r.m.Status(ctx, r.pool)
 	if err != nil {
 		return st, fmt.Errorf("app: %w", err)

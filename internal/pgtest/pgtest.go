@@ -71,9 +71,14 @@ var inMain atomic.Bool
 // checks for leaked goroutines when the tests passed, and exits the process with a non-zero code
 // if the tests failed, the server did not stop cleanly or goroutines leaked. Call it from
 // TestMain; nothing after it runs.
-func RunMain(m *testing.M) {
+//
+// Each cleanup runs after the tests, before the server stops.
+func RunMain(m *testing.M, cleanups ...func()) {
 	inMain.Store(true)
 	code := m.Run()
+	for _, c := range cleanups {
+		c()
+	}
 	if err := dropExampleDBs(); err != nil {
 		fmt.Fprintf(os.Stderr, "pgtest: %v\n", err)
 		code = max(code, 1)
