@@ -60,6 +60,7 @@ type Runtime struct {
 type laneState struct {
 	status migrator.LaneStatus
 	done   chan struct{} // closed once status.Done()
+	role   string        // what this replica does with the lane now: applying, waiting or ""
 	via    string        // how this replica learned the lane was done
 	doneAt time.Time     // when it learned it
 }
@@ -281,7 +282,8 @@ type KnownLane struct {
 	Name    string     `json:"name"`
 	Version int32      `json:"version"`
 	Done    bool       `json:"done"`
-	Via     string     `json:"via,omitempty"`     // how it learned the lane was done: applied, notification, connect, poll
+	Role    string     `json:"role,omitempty"`    // applying: this replica holds the lane; waiting: another does
+	Via     string     `json:"via,omitempty"`     // how it learned the lane was done: applied, notification, connect, poll, check
 	DoneAt  *time.Time `json:"done_at,omitempty"` // when it learned it
 }
 
@@ -292,7 +294,7 @@ func (r *Runtime) View() ReplicaView {
 	defer r.mu.Unlock()
 	for _, l := range r.lanes {
 		s := r.state[l.Name]
-		k := KnownLane{Name: l.Name, Version: s.status.Version, Done: s.status.Done(), Via: s.via}
+		k := KnownLane{Name: l.Name, Version: s.status.Version, Done: s.status.Done(), Role: s.role, Via: s.via}
 		if !s.doneAt.IsZero() {
 			at := s.doneAt
 			k.DoneAt = &at
@@ -354,7 +356,11 @@ func (r *Runtime) applied(res migrator.Result) {
 		if st.Version >= st.Latest {
 			st.State = migrator.StateDone
 		}
-		r.update([]migrator.LaneStatus{st}, "applied")
+		via := "applied"
+		if res.Applied == 0 {
+			via = "check" // its own version read found the work done by another replica
+		}
+		r.update([]migrator.LaneStatus{st}, via)
 	}
 }
 
@@ -387,6 +393,13 @@ func (r *Runtime) update(lanes []migrator.LaneStatus, via string) {
 		close(r.changed)
 		r.changed = make(chan struct{})
 	}
+}
+
+// setRole records what this replica does with the lane.
+func (r *Runtime) setRole(lane, role string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.state[lane].role = role
 }
 
 // laneStatus returns the cached state of a lane.

@@ -83,6 +83,10 @@ func (e *env) replica(lanes ...migrator.Lane) *app.Runtime {
 }
 
 func (e *env) runtime(lanes ...migrator.Lane) *app.Runtime {
+	return e.runtimeWith(100*time.Millisecond, lanes...)
+}
+
+func (e *env) runtimeWith(takeover time.Duration, lanes ...migrator.Lane) *app.Runtime {
 	m, err := migrator.New(e.cc, lanes, migrator.Config{LockPollInterval: 20 * time.Millisecond})
 	if err != nil {
 		e.t.Fatal(err)
@@ -117,6 +121,17 @@ func waitDone(t *testing.T, r *app.Runtime, lane string) {
 	}
 }
 
+func eventually(t *testing.T, what string, within time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %s", what, within)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func waitStarted(t *testing.T, g *gate) {
 	t.Helper()
 	select {
@@ -132,9 +147,24 @@ func TestReplicasLearnOfCompletionThroughListen(t *testing.T) {
 	g := newGate()
 	var rs []*app.Runtime
 	for range 3 {
-		rs = append(rs, e.replica(fastLane, slowLane(g)))
+		// A takeover interval longer than the test: the replicas learn only through the listener.
+		r := e.runtimeWith(time.Minute, fastLane, slowLane(g))
+		if err := r.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		rs = append(rs, r)
 	}
 	waitStarted(t, g)
+	// Let every replica make its first attempt at the slow lane so that the two that lose are
+	// waiting when the lane ends; a replica that first looked after the end would learn it from
+	// that read ("check") and prove nothing about the signal.
+	eventually(t, "two replicas waiting for the one applying", 10*time.Second, func() bool {
+		roles := map[string]int{}
+		for _, r := range rs {
+			roles[r.View().Lanes[1].Role]++
+		}
+		return roles["waiting"] == 2 && roles["applying"] == 1
+	})
 	for i, r := range rs {
 		if !r.Ready() || !r.IsDone("fast") || r.IsDone("slow") {
 			t.Fatalf("replica %d: ready=%v fast=%v slow=%v", i, r.Ready(), r.IsDone("fast"), r.IsDone("slow"))

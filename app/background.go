@@ -37,6 +37,7 @@ func (r *Runtime) runBackground(ctx context.Context) {
 // wins the lane's lock; otherwise it waits for the listener's updates and retries the lock every
 // TakeoverInterval, which is how it takes the lane over from a replica that died.
 func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneInfo) error {
+	defer r.setRole(l.Name, "")
 	retries := 0
 	for {
 		st, changed := r.laneStatus(l.Name)
@@ -67,7 +68,9 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			}
 			*conn = c
 		}
+		r.setRole(l.Name, "applying")
 		res, err := r.m.TryMigrateOn(ctx, *conn, l.Name)
+		r.setRole(l.Name, "")
 		if (*conn).IsClosed() {
 			*conn = nil
 		}
@@ -83,17 +86,13 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			return ctx.Err()
 		case errors.Is(err, migrator.ErrLocked):
 			// Another replica is applying the lane: follow it through the listener, and try the
-			// lock now and then in case it died.
+			// lock again after TakeoverInterval in case it died, or sooner when the listener
+			// reports the lock free (the holder gave up or failed).
 			retries = 0
-			t := time.NewTimer(jitter(r.cfg.TakeoverInterval))
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return ctx.Err()
-			case <-changed:
-			case <-t.C:
+			r.setRole(l.Name, "waiting")
+			if err := r.waitForHolder(ctx, l.Name, changed); err != nil {
+				return err
 			}
-			t.Stop()
 		case errors.As(err, &me) && !me.Transient():
 			r.log.Error().Err(err).Str("lane", l.Name).Str("file", me.File).
 				Msg("background migration failed; it is recorded and will not be retried until the file changes")
@@ -102,6 +101,27 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			r.log.Warn().Err(err).Str("lane", l.Name).Msg("background lane interrupted by a transient error; retrying with backoff")
 			if err := r.backoff(ctx, &retries); err != nil {
 				return err
+			}
+		}
+	}
+}
+
+// waitForHolder waits while another session holds the lane's lock: until the listener reports
+// the lane done or its lock free, or TakeoverInterval passes, or ctx is done.
+func (r *Runtime) waitForHolder(ctx context.Context, lane string, changed <-chan struct{}) error {
+	t := time.NewTimer(jitter(r.cfg.TakeoverInterval))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+			return nil
+		case <-changed:
+			var st migrator.LaneStatus
+			st, changed = r.laneStatus(lane)
+			if st.Done() || !st.Locked {
+				return nil
 			}
 		}
 	}
