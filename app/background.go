@@ -75,6 +75,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			*conn = nil
 		}
 		var me *migrator.MigrationError
+		var drift *migrator.DriftError
 		switch {
 		case err == nil:
 			retries = 0
@@ -92,6 +93,14 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			r.setRole(l.Name, "waiting")
 			if err := r.waitForHolder(ctx, l.Name, changed); err != nil {
 				return err
+			}
+		case errors.As(err, &drift):
+			// Applied files changed: an operator must decide (restore them or allow drift).
+			r.log.Error().Err(err).Str("lane", l.Name).Msg("background lane stopped: applied migrations changed since they were applied")
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-changed:
 			}
 		case errors.As(err, &me) && !me.Transient():
 			r.log.Error().Err(err).Str("lane", l.Name).Str("file", me.File).

@@ -34,6 +34,10 @@ type Config struct {
 	Logger zerolog.Logger
 	// Now returns the time recorded in the history table. Default: time.Now.
 	Now func() time.Time
+	// AllowDrift lets Migrate apply pending migrations although applied files have changed
+	// since they were applied (their checksum in the history table differs). Default: false,
+	// Migrate returns a *DriftError naming the files.
+	AllowDrift bool
 }
 
 // Migrator applies lanes of migrations to one database. Each lane has its own version table
@@ -312,6 +316,15 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	if !wait {
 		if err := m.failedBefore(ctx, conn, l, l.migrations[v]); err != nil {
 			return res, err
+		}
+	}
+	if !m.cfg.AllowDrift {
+		files, err := m.drift(ctx, conn, l, v)
+		if err != nil {
+			return res, err
+		}
+		if len(files) > 0 {
+			return res, &DriftError{Lane: name, Files: files}
 		}
 	}
 	for ; v < l.latest(); v++ {

@@ -429,3 +429,40 @@ func TestCancelRollsBackAndReleasesLock(t *testing.T) {
 		t.Fatal("cancelled migration left its table")
 	}
 }
+
+func TestDriftIsReportedAndStopsMigrate(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	if _, err := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: twoFiles}).Migrate(ctx, "fast"); err != nil {
+		t.Fatal(err)
+	}
+	edited := fstest.MapFS{
+		"001_create.sql": file("create table a (i int, j int);"), // changed after it was applied
+		"002_insert.sql": twoFiles["002_insert.sql"],
+		"003_more.sql":   file("insert into a values (3);"),
+	}
+	m := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: edited})
+	st, err := m.Status(ctx, conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.AddDrift(ctx, conn, st); err != nil || len(st[0].Drift) != 1 || st[0].Drift[0] != "001_create.sql" {
+		t.Fatalf("drift = %v, %v", st[0].Drift, err)
+	}
+	_, err = m.Migrate(ctx, "fast")
+	var de *migrator.DriftError
+	if !errors.As(err, &de) || de.Lane != "fast" || len(de.Files) != 1 || !strings.Contains(err.Error(), "001_create.sql") {
+		t.Fatalf("Migrate = %v, want a *DriftError naming 001_create.sql", err)
+	}
+	if n := queryInt(t, conn, "select version from lanes_fast_version"); n != 2 {
+		t.Fatalf("version = %d: Migrate applied past drift", n)
+	}
+	allow, err := migrator.New(cc, []migrator.Lane{{Name: "fast", FS: edited}}, migrator.Config{AllowDrift: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res, err := allow.Migrate(ctx, "fast"); err != nil || res.To != 3 {
+		t.Fatalf("with AllowDrift: %+v, %v", res, err)
+	}
+}

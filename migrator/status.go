@@ -48,7 +48,8 @@ type LaneStatus struct {
 	State        State    `json:"state"`
 	Error        string   `json:"error"` // the last failed attempt's error while the lane is not past it; "" otherwise
 	Failure      *Failure `json:"failure,omitempty"`
-	Locked       bool     `json:"locked"` // a session holds the lane's lock
+	Locked       bool     `json:"locked"`          // a session holds the lane's lock
+	Drift        []string `json:"drift,omitempty"` // applied files changed since (filled by AddDrift)
 }
 
 // Done reports whether every migration known to this binary is applied.
