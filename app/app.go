@@ -304,12 +304,15 @@ func (r *Runtime) View() ReplicaView {
 	return v
 }
 
-// Status reads the lanes' state from the database (two short queries on a small pool of at most
-// two connections, opened on first use) and adds this replica's view. It works before and
+// Status reads the lanes' state from the database, with drift (a few short queries on a small
+// pool of at most two connections, opened on first use) and adds this replica's view. It works before and
 // during Start, so a readiness endpoint can show what a starting replica waits for.
 func (r *Runtime) Status(ctx context.Context) (Status, error) {
 	st := Status{Replica: r.View()}
 	lanes, err := r.m.Status(ctx, r.pool)
+	if err == nil {
+		err = r.m.AddDrift(ctx, r.pool, lanes)
+	}
 	if err != nil {
 		return st, fmt.Errorf("app: %w", err)
 	}
