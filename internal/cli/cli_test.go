@@ -1,0 +1,529 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/migrator"
+)
+
+func TestMain(m *testing.M) { pgtest.RunMain(m) }
+
+// safeBuffer is a bytes.Buffer that may be read while a running command writes to it.
+type safeBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *safeBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *safeBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// testEnv returns an environment whose variables are vars only, with captured output.
+func testEnv(vars map[string]string) (*env, *safeBuffer, *safeBuffer) {
+	stdout, stderr := &safeBuffer{}, &safeBuffer{}
+	e := &env{
+		stdout: stdout,
+		stderr: stderr,
+		getenv: func(k string) string { return vars[k] },
+		now:    time.Now,
+		demo:   defaultDemoOptions(),
+	}
+	return e, stdout, stderr
+}
+
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+// runCLI runs the command line to completion, bounded by a minute.
+func runCLI(t *testing.T, vars map[string]string, args ...string) result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	e, stdout, stderr := testEnv(vars)
+	code := run(ctx, args, e)
+	return result{code: code, stdout: stdout.String(), stderr: stderr.String()}
+}
+
+func (r result) String() string {
+	return "exit " + strconv.Itoa(r.code) + "\nstdout:\n" + r.stdout + "\nstderr:\n" + r.stderr
+}
+
+// writeTree creates files (slash-separated paths relative to a new temporary folder) and
+// returns the folder.
+func writeTree(t *testing.T, files map[string]string) string {
+	t.Helper()
+	dir := t.TempDir()
+	for name, content := range files {
+		p := filepath.Join(dir, filepath.FromSlash(name))
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// dbVars returns the environment of a command run against a fresh database and the lanes in
+// files.
+func dbVars(t *testing.T, files map[string]string) map[string]string {
+	t.Helper()
+	return map[string]string{
+		"DATABASE_URL":     pgtest.NewDB(t),
+		"LANES_MIGRATIONS": writeTree(t, files),
+		"LANES_LOG_FORMAT": "json",
+	}
+}
+
+func statusOf(t *testing.T, vars map[string]string) []migrator.LaneStatus {
+	t.Helper()
+	res := runCLI(t, vars, "status", "--json")
+	if res.code != ExitOK {
+		t.Fatalf("status --json: %v", res)
+	}
+	var st struct {
+		Lanes []migrator.LaneStatus `json:"lanes"`
+	}
+	if err := json.Unmarshal([]byte(res.stdout), &st); err != nil {
+		t.Fatalf("status --json is not JSON: %v\n%s", err, res.stdout)
+	}
+	return st.Lanes
+}
+
+func TestHelp(t *testing.T) {
+	t.Parallel()
+	for _, args := range [][]string{{"--help"}, {"-h"}, {"help"}, {"migrate", "--help"}, {"wait", "-h"}} {
+		res := runCLI(t, nil, args...)
+		if res.code != ExitOK {
+			t.Errorf("%q: %v", args, res)
+		}
+		for _, want := range []string{"migrate", "status", "wait", "new", "serve", "demo",
+			"DATABASE_URL", "LANES_MIGRATIONS", "LANES_LOG_FORMAT", "LANES_LANES", "LANES_CHANNEL", "LANES_ADDR",
+			"Exit codes", "3  wait: --timeout expired"} {
+			if !strings.Contains(res.stdout, want) {
+				t.Errorf("%q: usage does not mention %q", args, want)
+			}
+		}
+	}
+}
+
+func TestUsageErrors(t *testing.T) {
+	t.Parallel()
+	dir := writeTree(t, map[string]string{"fast/001_a.sql": "select 1;", "slow/001_b.sql": "select 1;"})
+	vars := map[string]string{"DATABASE_URL": "postgres://nobody@127.0.0.1:1/none", "LANES_MIGRATIONS": dir}
+	for _, args := range [][]string{
+		{},
+		{"bogus"},
+		{"--bogus", "status"},
+		{"status", "--bogus"},
+		{"--log-format", "xml", "status"},
+		{"--lanes", "fast:sometimes", "status"},
+		{"migrate", "extra"},
+		{"migrate", "--lane", "nope"},
+		{"wait"},
+		{"wait", "--lane", "nope"},
+		{"wait", "--lane", "fast", "--version", "-5"},
+		{"wait", "--lane", "fast", "--timeout", "soon"},
+		{"new", "--lane", "fast"},
+		{"new", "title"},
+		{"new", "--lane", "nope", "title"},
+	} {
+		res := runCLI(t, vars, args...)
+		if res.code != ExitUsage {
+			t.Errorf("%q: want exit %d, got %v", args, ExitUsage, res)
+		}
+		if !strings.Contains(res.stderr, "lanes --help") {
+			t.Errorf("%q: stderr does not point to --help: %q", args, res.stderr)
+		}
+	}
+}
+
+func TestBadDatabaseURLNeverPrintsThePassword(t *testing.T) {
+	t.Parallel()
+	dir := writeTree(t, map[string]string{"fast/001_a.sql": "select 1;", "slow/001_b.sql": "select 1;"})
+	urls := []string{
+		"postgres://u:s3cr3t@127.0.0.1:notaport/db",
+		"postgres://u:s3cr3t@[::1/db",
+		"postgres://u:s3cr3t@127.0.0.1:1/db",
+		"postgresql://u:s3cr3t@127.0.0.1:1/db?sslmode=disable",
+		"postgres://u:s3%63r3t@127.0.0.1:1/db",
+		"host=127.0.0.1 port=abc password=s3cr3t",
+		"host=127.0.0.1 port=1 password='s3cr3t' user=u",
+	}
+	for _, u := range urls {
+		for _, args := range [][]string{{"status"}, {"migrate"}, {"wait", "--lane", "fast", "--timeout", "20s"}, {"demo"}, {"serve", "--addr", "127.0.0.1:0"}} {
+			for _, format := range []string{"json", "console"} {
+				// Both ways of giving the URL: the environment variable and the flag.
+				viaEnv := runCLI(t, map[string]string{"DATABASE_URL": u, "LANES_MIGRATIONS": dir, "LANES_LOG_FORMAT": format}, args...)
+				viaFlag := runCLI(t, map[string]string{"LANES_MIGRATIONS": dir, "LANES_LOG_FORMAT": format}, append([]string{"--database-url", u}, args...)...)
+				for _, res := range []result{viaEnv, viaFlag} {
+					if res.code != ExitError {
+						t.Errorf("%s %q: want exit %d, got %v", u, args, ExitError, res)
+					}
+					if strings.Contains(res.stdout+res.stderr, "s3cr3t") {
+						t.Errorf("%s %q: the password was printed:\n%v", u, args, res)
+					}
+					if !strings.Contains(res.stderr, "127.0.0.1") && !strings.Contains(res.stderr, "database URL") {
+						t.Errorf("%s %q: the error does not say which server or that the URL is bad:\n%v", u, args, res)
+					}
+				}
+			}
+		}
+	}
+}
+
+func TestRedact(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ url, msg string }{
+		{"postgres://u:s3cr3t@h/db", `parse "postgres://u:s3cr3t@h/db": bad`},
+		{"postgres://u:s3cr3t@h/db", "the password is s3cr3t"},
+		{"postgres://u:s3%63r3t@h/db", "the password is s3cr3t or s3%63r3t"},
+		{"host=h password=s3cr3t", "cannot parse host=h password=s3cr3t"},
+		{"host=h password='s3 cr3t'", "cannot parse host=h password='s3 cr3t'"},
+		{"", "postgres://x:s3cr3t@h/db and password=s3cr3t"},
+	} {
+		got := redact(tc.msg, tc.url)
+		if strings.Contains(got, "s3") {
+			t.Errorf("redact(%q, %q) = %q", tc.msg, tc.url, got)
+		}
+	}
+}
+
+func TestMigrateStatusWait(t *testing.T) {
+	t.Parallel()
+	vars := dbVars(t, map[string]string{
+		"fast/001_create.sql":   "create table things (id int primary key);",
+		"fast/002_populate.sql": "insert into things values (1), (2);",
+		"slow/001_index.sql":    "create index things_id_idx on things (id);",
+	})
+
+	before := statusOf(t, vars)
+	if len(before) != 2 || before[0].Name != "fast" || before[1].Name != "slow" ||
+		before[0].State != migrator.StatePending || before[0].Version != 0 || before[0].Latest != 2 {
+		t.Fatalf("status before migrate: %+v", before)
+	}
+	table := runCLI(t, vars, "status")
+	if table.code != ExitOK || !strings.Contains(table.stdout, "LANE") || !strings.Contains(table.stdout, "pending") {
+		t.Fatalf("status: %v", table)
+	}
+
+	res := runCLI(t, vars, "migrate")
+	if res.code != ExitOK {
+		t.Fatalf("migrate: %v", res)
+	}
+	for _, want := range []string{"OK   001_create.sql", "OK   002_populate.sql", "OK   001_index.sql"} {
+		if !strings.Contains(res.stderr, want) {
+			t.Errorf("migrate did not log %q:\n%s", want, res.stderr)
+		}
+	}
+	after := statusOf(t, vars)
+	for _, l := range after {
+		if l.Version != l.Latest || l.State != migrator.StateDone || l.Error != "" {
+			t.Errorf("after migrate: %+v", l)
+		}
+	}
+	if res := runCLI(t, vars, "migrate"); res.code != ExitOK || !strings.Contains(res.stderr, "already up to date") {
+		t.Errorf("second migrate: %v", res)
+	}
+
+	if res := runCLI(t, vars, "wait", "--lane", "slow", "--timeout", "10s"); res.code != ExitOK {
+		t.Errorf("wait on a finished lane: %v", res)
+	}
+	if res := runCLI(t, vars, "wait", "--lane", "fast", "--version", "1"); res.code != ExitOK {
+		t.Errorf("wait for a version already passed: %v", res)
+	}
+	res = runCLI(t, vars, "wait", "--lane", "slow", "--version", "99", "--timeout", "300ms")
+	if res.code != ExitTimeout || !strings.Contains(res.stderr, "timed out") {
+		t.Errorf("wait for a version never applied: want exit %d, got %v", ExitTimeout, res)
+	}
+}
+
+func TestMigrateOnlyNamedLanes(t *testing.T) {
+	t.Parallel()
+	vars := dbVars(t, map[string]string{
+		"fast/001_a.sql":    "create table a (i int);",
+		"slow/001_b.sql":    "create table b (i int);",
+		"reports/001_c.sql": "create table c (i int);",
+	})
+	vars["LANES_LANES"] = "fast:blocking,reports:background,slow:background"
+	if res := runCLI(t, vars, "migrate", "--lane", "slow", "--lane", "fast"); res.code != ExitOK {
+		t.Fatalf("migrate: %v", res)
+	}
+	st := statusOf(t, vars)
+	got := map[string]int32{}
+	var names []string
+	for _, l := range st {
+		got[l.Name] = l.Version
+		names = append(names, l.Name)
+	}
+	if strings.Join(names, ",") != "fast,reports,slow" || got["fast"] != 1 || got["slow"] != 1 || got["reports"] != 0 {
+		t.Errorf("after migrate --lane slow --lane fast: %+v", st)
+	}
+}
+
+func TestMigrateFailureThenWaitReportsIt(t *testing.T) {
+	t.Parallel()
+	vars := dbVars(t, map[string]string{
+		"fast/001_a.sql": "create table a (i int);",
+		"slow/001_b.sql": "create table b (i int);\n\nselect 1/0;\n",
+	})
+	res := runCLI(t, vars, "migrate")
+	if res.code != ExitError {
+		t.Fatalf("migrate with a failing file: want exit %d, got %v", ExitError, res)
+	}
+	for _, want := range []string{`lane \"slow\"`, "001_b.sql", "select 1/0", "division by zero"} {
+		if !strings.Contains(res.stderr, want) {
+			t.Errorf("the error does not name %q:\n%s", want, res.stderr)
+		}
+	}
+	st := statusOf(t, vars)
+	if st[0].State != migrator.StateDone || st[1].State != migrator.StateFailed || !strings.Contains(st[1].Error, "division by zero") {
+		t.Errorf("status after the failure: %+v", st)
+	}
+	res = runCLI(t, vars, "wait", "--lane", "slow", "--timeout", "20s")
+	if res.code != ExitError || !strings.Contains(res.stderr, "division by zero") {
+		t.Errorf("wait on a lane with a recorded failure: want exit %d naming the error, got %v", ExitError, res)
+	}
+	// Waiting for a version before the failure is fine.
+	if res := runCLI(t, vars, "wait", "--lane", "slow", "--version", "0"); res.code != ExitOK {
+		t.Errorf("wait --version 0: %v", res)
+	}
+}
+
+func TestWaitLearnsThroughNotify(t *testing.T) {
+	t.Parallel()
+	vars := dbVars(t, map[string]string{
+		"fast/001_a.sql": "create table a (i int);",
+		"slow/001_b.sql": "create table b (i int);",
+		"slow/002_c.sql": "create table c (i int);",
+	})
+	if res := runCLI(t, vars, "migrate", "--lane", "fast"); res.code != ExitOK {
+		t.Fatalf("migrate --lane fast: %v", res)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	e, _, stderr := testEnv(vars)
+	done := make(chan int, 1)
+	go func() { done <- run(ctx, []string{"wait", "--lane", "slow", "--timeout", "50s"}, e) }()
+
+	// Once wait says it is listening, the only way it can learn of the lane is a notification.
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(stderr.String(), "waiting for the lane through LISTEN/NOTIFY") {
+		select {
+		case code := <-done:
+			t.Fatalf("wait returned %d before the lane was applied:\n%s", code, stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			cancel()
+			<-done
+			t.Fatalf("wait never started listening:\n%s", stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if res := runCLI(t, vars, "migrate", "--lane", "slow"); res.code != ExitOK {
+		cancel()
+		<-done
+		t.Fatalf("migrate --lane slow: %v", res)
+	}
+	if code := <-done; code != ExitOK {
+		t.Fatalf("wait: exit %d\n%s", code, stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "lane reached the version") {
+		t.Errorf("wait did not say the lane reached the version:\n%s", stderr.String())
+	}
+}
+
+func TestWaitDoesNotApply(t *testing.T) {
+	t.Parallel()
+	vars := dbVars(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
+	if res := runCLI(t, vars, "wait", "--lane", "fast", "--timeout", "500ms"); res.code != ExitTimeout {
+		t.Fatalf("wait on a pending lane: want exit %d, got %v", ExitTimeout, res)
+	}
+	conn, err := pgx.Connect(t.Context(), vars["DATABASE_URL"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	var exists bool
+	if err := conn.QueryRow(t.Context(), "select to_regclass('a') is not null").Scan(&exists); err != nil {
+		t.Fatal(err)
+	}
+	if exists {
+		t.Error("wait applied a migration")
+	}
+}
+
+func TestNew(t *testing.T) {
+	t.Parallel()
+	dir := writeTree(t, map[string]string{
+		"fast/001_a.sql":  "create table a (i int);",
+		"fast/002_b.sql":  "create table b (i int);",
+		"slow/0001_c.sql": "create table c (i int);",
+	})
+	vars := map[string]string{"LANES_MIGRATIONS": dir, "LANES_LOG_FORMAT": "json"}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"new", "--lane", "fast", "Add Things!"}, "fast/003_add_things.sql"},
+		{[]string{"new", "--lane", "fast", "more", "words", "here"}, "fast/004_more_words_here.sql"},
+		{[]string{"new", "--lane", "slow", "wide"}, "slow/0002_wide.sql"},
+		{[]string{"new", "--lane", "reports", "--lanes", "fast,slow,reports:background", "first"}, "reports/001_first.sql"},
+	} {
+		res := runCLI(t, vars, tc.args...)
+		want := filepath.Join(dir, filepath.FromSlash(tc.want))
+		if res.code != ExitOK || strings.TrimSpace(res.stdout) != want {
+			t.Errorf("%q: want %s, got %v", tc.args, want, res)
+			continue
+		}
+		b, err := os.ReadFile(want)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(b), "\n---- create above / drop below ----\n") || strings.Contains(string(b), "{{") {
+			t.Errorf("%s is not the template:\n%s", want, b)
+		}
+	}
+	if res := runCLI(t, vars, "new", "--lane", "fast", "!!!"); res.code != ExitUsage {
+		t.Errorf("a title without letters: %v", res)
+	}
+	if res := runCLI(t, map[string]string{}, "new", "--lane", "fast", "x"); res.code != ExitUsage || !strings.Contains(res.stderr, "LANES_MIGRATIONS") {
+		t.Errorf("new without a migrations folder: %v", res)
+	}
+	if res := runCLI(t, map[string]string{"LANES_MIGRATIONS": filepath.Join(dir, "missing")}, "new", "--lane", "fast", "x"); res.code != ExitError {
+		t.Errorf("new with a missing migrations folder: %v", res)
+	}
+}
+
+func TestGlobalFlagsOverrideEnvironment(t *testing.T) {
+	t.Parallel()
+	vars := dbVars(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
+	flags := []string{"--database-url", vars["DATABASE_URL"], "--migrations", vars["LANES_MIGRATIONS"], "--log-format", "console"}
+	env := map[string]string{"DATABASE_URL": "postgres://nobody@127.0.0.1:1/none", "LANES_MIGRATIONS": "/nonexistent", "LANES_LOG_FORMAT": "xml"}
+	if res := runCLI(t, env, append(flags, "migrate")...); res.code != ExitOK {
+		t.Fatalf("migrate with global flags: %v", res)
+	}
+	// Global flags after the command work too.
+	if res := runCLI(t, env, append([]string{"status", "--json"}, flags...)...); res.code != ExitOK || !strings.Contains(res.stdout, `"lanes"`) {
+		t.Fatalf("status with global flags after the command: %v", res)
+	}
+}
+
+func TestResolveSettings(t *testing.T) {
+	t.Parallel()
+	environ := map[string]string{"DATABASE_URL": "postgres:///fromenv", "LANES_MIGRATIONS": "/env", "LANES_LOG_FORMAT": "console"}
+	g := globals{databaseURL: "", migrations: "/flag"}
+	// A flag given explicitly wins even when empty: --database-url "" means libpq defaults.
+	s, err := g.resolve(func(k string) string { return environ[k] }, map[string]bool{"database-url": true, "migrations": true}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.databaseURL != "" || s.migrations != "/flag" || s.logFormat != "console" || s.channel != migrator.DefaultChannel {
+		t.Errorf("resolve: %+v", s)
+	}
+	for _, terminal := range []bool{false, true} {
+		s, err := (&globals{}).resolve(func(string) string { return "" }, nil, terminal)
+		want := map[bool]string{false: "json", true: "console"}[terminal]
+		if err != nil || s.logFormat != want {
+			t.Errorf("default log format on a terminal=%v: %q %v", terminal, s.logFormat, err)
+		}
+	}
+}
+
+func TestChannelFlag(t *testing.T) {
+	t.Parallel()
+	vars := dbVars(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
+	vars["LANES_CHANNEL"] = "my_channel"
+	if res := runCLI(t, vars, "migrate", "--lane", "fast"); res.code != ExitOK {
+		t.Fatalf("migrate: %v", res)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, vars["DATABASE_URL"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, "listen my_channel"); err != nil {
+		t.Fatal(err)
+	}
+	if res := runCLI(t, vars, "migrate", "--lane", "slow"); res.code != ExitOK {
+		t.Fatalf("migrate: %v", res)
+	}
+	n, err := conn.WaitForNotification(ctx)
+	if err != nil {
+		t.Fatalf("no notification on my_channel: %v", err)
+	}
+	if ev, err := migrator.ParseEvent(n.Payload); err != nil || ev.Lane != "slow" {
+		t.Errorf("notification %q: %+v %v", n.Payload, ev, err)
+	}
+}
+
+func TestEmbeddedMigrations(t *testing.T) {
+	t.Parallel()
+	url := pgtest.NewDB(t)
+	vars := map[string]string{"DATABASE_URL": url, "LANES_LOG_FORMAT": "json"}
+	st := statusOf(t, vars)
+	if len(st) != 2 || st[0].Name != "fast" || st[0].Latest != 2 || st[1].Name != "slow" || st[1].Latest != 2 {
+		t.Fatalf("embedded lanes: %+v", st)
+	}
+	if res := runCLI(t, vars, "migrate", "--lane", "fast"); res.code != ExitOK || !strings.Contains(res.stderr, "OK   001_create_example.sql") {
+		t.Fatalf("migrate --lane fast: %v", res)
+	}
+	vars["LANES_LANES"] = "slow:background,other:background"
+	if res := runCLI(t, vars, "status"); res.code != ExitUsage || !strings.Contains(res.stderr, `have no lane \"other\"`) {
+		t.Errorf("an undeclared embedded lane: %v", res)
+	}
+}
+
+func TestMigrateRefusesDriftUnlessAllowed(t *testing.T) {
+	t.Parallel()
+	vars := dbVars(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
+	if res := runCLI(t, vars, "migrate"); res.code != ExitOK {
+		t.Fatalf("migrate: %v", res)
+	}
+	dir := vars["LANES_MIGRATIONS"]
+	if err := os.WriteFile(filepath.Join(dir, "fast", "001_a.sql"), []byte("create table a (i bigint);"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "fast", "002_c.sql"), []byte("create table c (i int);"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if res := runCLI(t, vars, "migrate"); res.code != ExitError || !strings.Contains(res.stderr, "001_a.sql") {
+		t.Errorf("migrate after an applied file changed: want exit %d naming the file, got %v", ExitError, res)
+	}
+	st := statusOf(t, vars)
+	if len(st[0].Drift) != 1 || st[0].Drift[0] != "001_a.sql" {
+		t.Errorf("status does not report the drift: %+v", st[0])
+	}
+	if res := runCLI(t, vars, "status"); res.code != ExitOK || !strings.Contains(res.stdout, "changed since applied: 001_a.sql") {
+		t.Errorf("status table does not report the drift: %v", res)
+	}
+	if res := runCLI(t, vars, "migrate", "--allow-drift"); res.code != ExitOK || !strings.Contains(res.stderr, "OK   002_c.sql") {
+		t.Errorf("migrate --allow-drift: %v", res)
+	}
+}

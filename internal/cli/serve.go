@@ -1,0 +1,156 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/multilanes/lanes/app"
+)
+
+// shutdownTimeout bounds the graceful shutdown of the HTTP server.
+const shutdownTimeout = 10 * time.Second
+
+func serveFlags(fs *flag.FlagSet) commandBody {
+	addr := fs.String("addr", "", "")
+	return func(ctx context.Context, c *command, args []string) error {
+		if len(args) > 0 {
+			return usageErrorf("unexpected arguments %q", args)
+		}
+		a := *addr
+		if a == "" {
+			a = c.env.getenv("LANES_ADDR")
+		}
+		if a == "" {
+			a = ":8080"
+		}
+		return runServe(ctx, c, a)
+	}
+}
+
+// runServe runs one app replica until ctx is cancelled. The HTTP listener comes first, so
+// /healthz answers and /readyz says 503 while the blocking lanes are applied; then the runtime
+// starts (blocking lanes, then background lanes in its own goroutines). On cancellation the HTTP
+// server shuts down gracefully, then the runtime closes, and runServe returns nil.
+func runServe(ctx context.Context, c *command, addr string) error {
+	m, err := c.migrator()
+	if err != nil {
+		return err
+	}
+	r, err := app.New(m, app.Config{Logger: c.log})
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	if c.env.onListen != nil {
+		c.env.onListen(ln.Addr())
+	}
+	srv := &http.Server{
+		Handler:           newServeHandler(r),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          log.New(c.log.With().Str("component", "http").Logger(), "", 0),
+	}
+	serveErr := make(chan error, 1)
+	var wg sync.WaitGroup
+	wg.Go(func() { serveErr <- srv.Serve(ln) })
+	shutdown := func() error {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownTimeout)
+		defer cancel()
+		err := srv.Shutdown(sctx)
+		wg.Wait()
+		if err != nil {
+			return fmt.Errorf("shut down http server: %w", err)
+		}
+		return nil
+	}
+	c.log.Info().Str("addr", ln.Addr().String()).Str("target", target(m.ConnConfig())).
+		Msg("serving /healthz, /readyz and /lanes; applying the blocking lanes")
+
+	if err := r.Start(ctx); err != nil {
+		serr := shutdown()
+		if ctx.Err() != nil {
+			c.log.Info().Msg("stopped before the replica was ready")
+			return serr
+		}
+		return errors.Join(err, serr)
+	}
+	c.log.Info().Msg("ready: /readyz answers 200")
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		c.log.Info().Msg("shutting down")
+	case err := <-serveErr:
+		runErr = fmt.Errorf("http server: %w", err)
+	}
+	if err := shutdown(); err != nil && runErr == nil {
+		runErr = err
+	}
+	if err := r.Close(); err != nil && runErr == nil {
+		runErr = err
+	}
+	if runErr == nil {
+		c.log.Info().Msg("stopped gracefully")
+	}
+	return runErr
+}
+
+// serveHandler answers the HTTP endpoints of one replica.
+type serveHandler struct {
+	r *app.Runtime
+}
+
+func newServeHandler(r *app.Runtime) http.Handler {
+	h := &serveHandler{r: r}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", h.readyz)
+	mux.HandleFunc("GET /lanes", h.lanes)
+	return mux
+}
+
+func (h *serveHandler) readyz(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if !h.r.Ready() {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintln(w, "not ready: applying the blocking lanes")
+		return
+	}
+	fmt.Fprintln(w, "ready")
+}
+
+// lanesResponse is the /lanes JSON: app.Status, plus the error when the state cannot be read.
+type lanesResponse struct {
+	app.Status
+	Error string `json:"error,omitempty"`
+}
+
+// lanes answers the lanes' state read fresh from the database, with this replica's view. It
+// works while the blocking lanes are being applied too.
+func (h *serveHandler) lanes(w http.ResponseWriter, req *http.Request) {
+	ctx, cancel := context.WithTimeout(req.Context(), 5*time.Second)
+	defer cancel()
+	var resp lanesResponse
+	st, err := h.r.Status(ctx)
+	resp.Status = st
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		resp.Error = err.Error()
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	_ = json.NewEncoder(w).Encode(resp) // a client that went away is no error of ours
+}
