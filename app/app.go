@@ -32,6 +32,8 @@ type Config struct {
 	// a transient error (serialization failure, deadlock, lock timeout, lost connection).
 	// Defaults: 1s and 1m.
 	RetryMin, RetryMax time.Duration
+	// Now returns the time recorded when this replica learns a lane is done. Default: time.Now.
+	Now func() time.Time
 }
 
 // Runtime is what a service embeds: Start applies the blocking lanes and returns once the
@@ -76,6 +78,9 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	}
 	if cfg.RetryMin <= 0 {
 		cfg.RetryMin = time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
 	}
 	if cfg.RetryMax < cfg.RetryMin {
 		cfg.RetryMax = max(time.Minute, cfg.RetryMin)
@@ -388,7 +393,7 @@ func (r *Runtime) update(lanes []migrator.LaneStatus, via string) {
 		s.status = st
 		if st.Done() && !wasDone {
 			close(s.done)
-			s.via, s.doneAt = via, time.Now()
+			s.via, s.doneAt = via, r.cfg.Now()
 			r.log.Info().Str("lane", st.Name).Int32("version", st.Version).Str("via", via).Msg("lane done")
 		}
 	}

@@ -153,7 +153,7 @@ func (r *Runtime) blockedByFailure(l migrator.LaneInfo, st migrator.LaneStatus) 
 func (r *Runtime) failed(l migrator.LaneInfo, me *migrator.MigrationError) {
 	st, _ := r.laneStatus(l.Name)
 	st.State, st.Error = migrator.StateFailed, me.Error()
-	st.Failure = &migrator.Failure{Version: me.Version, File: me.File, SQLState: me.SQLState, Statement: me.Statement, At: time.Now()}
+	st.Failure = &migrator.Failure{Version: me.Version, File: me.File, SQLState: me.SQLState, Statement: me.Statement, At: r.cfg.Now()}
 	if int(me.Version) <= len(l.Migrations) {
 		st.Failure.Checksum = l.Migrations[me.Version-1].Checksum
 	}

@@ -170,6 +170,15 @@ func loadLane(spec Lane) (*loadedLane, error) {
 				return nil, &LoadError{Lane: spec.Name, File: e.Name(), Err: fmt.Errorf("duplicate migration %d (also %s)", v, prev)}
 			}
 			owner[v], files[v] = e.Name(), e.Name()
+			// tern reports a file without SQL above the separator without naming it: check here.
+			raw, err := fs.ReadFile(spec.FS, e.Name())
+			if err != nil {
+				return nil, &LoadError{Lane: spec.Name, File: e.Name(), Err: err}
+			}
+			up, _, _ := strings.Cut(string(raw), upDownSeparator)
+			if onlyComments(up) {
+				return nil, &LoadError{Lane: spec.Name, File: e.Name(), Err: errors.New("no SQL statement above the down separator")}
+			}
 		}
 	}
 	funcs := map[int32]GoMigration{}

@@ -77,7 +77,7 @@ func TestLoadLaneErrors(t *testing.T) {
 		{"template", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select {{ .missing.deeper }}")}}, "001_a.sql", "template"},
 		{"template syntax", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select {{ if }}")}}, "001_a.sql", ""},
 		{"utf8", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select '\xff\xfe'")}}, "001_a.sql", "UTF-8"},
-		{"only comments", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("-- nothing\n/* here */;\n---- create above / drop below ----\ndrop table x;")}}, "", ""},
+		{"only comments", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("-- nothing\n/* here */;\n---- create above / drop below ----\ndrop table x;")}}, "001_a.sql", "no SQL statement"},
 		{"lane name", Lane{Name: "Fast Lane", FS: fstest.MapFS{"001_a.sql": file("select 1")}}, "", "invalid lane name"},
 		{"go duplicate", Lane{Name: "slow", FS: fstest.MapFS{"001_a.sql": file("select 1")}, Funcs: []GoMigration{{Version: 1, Name: "x", Up: noop}}}, "001_x.go", "duplicate migration 1"},
 		{"go nil", Lane{Name: "slow", Funcs: []GoMigration{{Version: 1, Name: "x"}}}, "001_x.go", "no Up"},

@@ -405,7 +405,11 @@ func run(ctx context.Context, args []string, e *env) int {
 	if err != nil {
 		return usageFail(e, err)
 	}
-	c := &command{name: name, env: e, set: s, log: newLogger(s.logFormat, e.stderr, e.terminal, e.now)}
+	logTo := e.stderr
+	if name == "demo" {
+		logTo = e.stdout // the demo's log is its output: the story, one line per event
+	}
+	c := &command{name: name, env: e, set: s, log: newLogger(s.logFormat, logTo, e.terminal, e.now)}
 	err = body(ctx, c, positional)
 	if err == nil {
 		return ExitOK
@@ -417,7 +421,9 @@ func run(ctx context.Context, args []string, e *env) int {
 	}
 	msg := redact(err.Error(), s.databaseURL)
 	if s.logFormat == "json" {
-		c.log.Error().Str("command", name).Int("exit_code", code).Str("error", msg).Msg(name + " failed")
+		// Errors go to stderr, even for the demo whose story goes to stdout.
+		errLog := newLogger(s.logFormat, e.stderr, e.terminal, e.now)
+		errLog.Error().Str("command", name).Int("exit_code", code).Str("error", msg).Msg(name + " failed")
 	} else {
 		fmt.Fprintf(e.stderr, "lanes %s: %s\n", name, msg)
 	}

@@ -143,13 +143,13 @@ func databaseExists(t *testing.T, url, name string) bool {
 func TestDemo(t *testing.T) {
 	t.Parallel()
 	url := pgtest.NewDB(t)
-	e, _, stderr := shortDemo(map[string]string{"DATABASE_URL": url, "LANES_LOG_FORMAT": "json"}, 3)
+	e, stdout, stderr := shortDemo(map[string]string{"DATABASE_URL": url, "LANES_LOG_FORMAT": "json"}, 3)
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
 	if code := run(ctx, []string{"demo"}, e); code != ExitOK {
-		t.Fatalf("demo: exit %d\n%s", code, stderr.String())
+		t.Fatalf("demo: exit %d\n%s%s", code, stdout.String(), stderr.String())
 	}
-	db := checkStory(t, stderr.String(), 3)
+	db := checkStory(t, stdout.String(), 3)
 	if !strings.HasPrefix(db, "lanes_demo_") || databaseExists(t, url, db) {
 		t.Errorf("demo database %q was not dropped", db)
 	}
@@ -165,14 +165,14 @@ func TestDemoThrowawayCluster(t *testing.T) {
 		t.Skip(err)
 	}
 	t.Setenv("PGHOST", t.TempDir()) // no server there: libpq defaults fail fast
-	e, _, stderr := shortDemo(map[string]string{"LANES_LOG_FORMAT": "json"}, 2)
+	e, stdout, stderr := shortDemo(map[string]string{"LANES_LOG_FORMAT": "json"}, 2)
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
 	if code := run(ctx, []string{"demo"}, e); code != ExitOK {
-		t.Fatalf("demo: exit %d\n%s", code, stderr.String())
+		t.Fatalf("demo: exit %d\n%s%s", code, stdout.String(), stderr.String())
 	}
-	checkStory(t, stderr.String(), 2)
-	out := stderr.String()
+	checkStory(t, stdout.String(), 2)
+	out := stdout.String()
 	for _, want := range []string{"starting a throwaway PostgreSQL cluster", "throwaway cluster stopped"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("the demo's log does not say %q:\n%s", want, out)
