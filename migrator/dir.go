@@ -8,19 +8,22 @@ import (
 	"strings"
 )
 
-// LaneDecl declares a lane's name and mode; its position in a list is its order.
+// LaneDecl declares a lane's name, mode and optionally its version table; its position in a
+// list is its order.
 type LaneDecl struct {
-	Name string
-	Mode Mode
+	Name         string
+	Mode         Mode
+	VersionTable string // default: lanes_<name>_version
 }
 
 // DefaultLaneDecls are used when no lanes are declared: "fast" (blocking) then "slow"
 // (background).
 var DefaultLaneDecls = []LaneDecl{{Name: "fast", Mode: Blocking}, {Name: "slow", Mode: Background}}
 
-// ParseLaneDecls parses a comma-separated list of name:mode pairs, such as
-// "fast:blocking,slow:background,reports:background". The mode may be omitted for the default
-// names (fast is blocking, slow background). An empty string returns nil.
+// ParseLaneDecls parses a comma-separated list of name:mode[:version_table] entries, such as
+// "fast:blocking,slow:background,reports:background:ops.reports_version". The mode may be
+// omitted for the default names (fast is blocking, slow background). An empty string returns
+// nil.
 func ParseLaneDecls(s string) ([]LaneDecl, error) {
 	if strings.TrimSpace(s) == "" {
 		return nil, nil
@@ -28,7 +31,8 @@ func ParseLaneDecls(s string) ([]LaneDecl, error) {
 	var out []LaneDecl
 	for _, part := range strings.Split(s, ",") {
 		name, mode, hasMode := strings.Cut(strings.TrimSpace(part), ":")
-		d := LaneDecl{Name: name}
+		mode, table, _ := strings.Cut(mode, ":")
+		d := LaneDecl{Name: name, VersionTable: table}
 		switch {
 		case hasMode:
 			m, err := ParseMode(mode)
@@ -85,7 +89,7 @@ func LanesFromFS(fsys fs.FS, decls []LaneDecl) ([]Lane, error) {
 		if err != nil {
 			return nil, &LoadError{Lane: d.Name, Err: err}
 		}
-		lanes = append(lanes, Lane{Name: d.Name, Mode: d.Mode, FS: sub})
+		lanes = append(lanes, Lane{Name: d.Name, Mode: d.Mode, FS: sub, VersionTable: d.VersionTable})
 	}
 	for _, f := range folders {
 		if !slices.ContainsFunc(decls, func(d LaneDecl) bool { return d.Name == f }) {

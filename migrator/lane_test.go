@@ -168,6 +168,9 @@ func TestLanesFromFS(t *testing.T) {
 	if _, err := LanesFromFS(fsys, []LaneDecl{{Name: "fast"}, {Name: "slow", Mode: Background}, {Name: "reports", Mode: Background}, {Name: "nope", Mode: Background}}); err == nil || !strings.Contains(err.Error(), `no folder "nope"`) {
 		t.Fatalf("missing folder: err = %v", err)
 	}
+	if decls, err := ParseLaneDecls("fast:blocking:ops.fast_v,slow"); err != nil || decls[0].VersionTable != "ops.fast_v" || decls[1].VersionTable != "" {
+		t.Fatalf("version table in a declaration: %+v, %v", decls, err)
+	}
 	for _, bad := range []string{"reports", "x:sideways", "Bad:blocking"} {
 		if _, err := ParseLaneDecls(bad); err == nil {
 			t.Errorf("ParseLaneDecls(%q) accepted", bad)
