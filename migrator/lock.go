@@ -3,7 +3,6 @@ package migrator
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -39,24 +38,4 @@ func (l *laneLock) unlock(ctx context.Context) error {
 		return fmt.Errorf("release advisory lock %d: %w", l.key, err)
 	}
 	return nil
-}
-
-// jitter returns d changed by up to ±20 %, so that replicas started together do not poll in step.
-func jitter(d time.Duration) time.Duration {
-	if d <= 0 {
-		return d
-	}
-	return d - d/5 + time.Duration(rand.Int64N(int64(d)*2/5+1))
-}
-
-// sleep waits for d or until ctx is done.
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }

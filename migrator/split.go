@@ -36,26 +36,9 @@ func splitStatements(sql string) []statement {
 				i++
 			}
 		case c == '/' && i+1 < len(sql) && sql[i+1] == '*':
-			depth := 0
-			for i < len(sql) {
-				if sql[i] == '/' && i+1 < len(sql) && sql[i+1] == '*' {
-					depth++
-					i += 2
-					continue
-				}
-				if sql[i] == '*' && i+1 < len(sql) && sql[i+1] == '/' {
-					depth--
-					i += 2
-					if depth == 0 {
-						break
-					}
-					continue
-				}
-				if sql[i] == '\n' {
-					line++
-				}
-				i++
-			}
+			end := skipBlockComment(sql, i)
+			line += strings.Count(sql[i:end], "\n")
+			i = end
 		case c == '\'':
 			escapes := i > 0 && (sql[i-1] == 'e' || sql[i-1] == 'E') && (i < 2 || !isIdentChar(sql[i-2]))
 			i++
@@ -161,24 +144,32 @@ func firstToken(text string) string {
 				i++
 			}
 		case c == '/' && i+1 < len(text) && text[i+1] == '*':
-			depth := 0
-			for i < len(text) {
-				if text[i] == '/' && i+1 < len(text) && text[i+1] == '*' {
-					depth++
-					i += 2
-				} else if text[i] == '*' && i+1 < len(text) && text[i+1] == '/' {
-					depth--
-					i += 2
-					if depth == 0 {
-						break
-					}
-				} else {
-					i++
-				}
-			}
+			i = skipBlockComment(text, i)
 		default:
 			return text[i:]
 		}
 	}
 	return ""
+}
+
+// skipBlockComment returns the index just past the block comment that starts at s[i] ("/*"),
+// counting nested comments as PostgreSQL does; an unterminated comment runs to the end.
+func skipBlockComment(s string, i int) int {
+	depth := 0
+	for i < len(s) {
+		switch {
+		case s[i] == '/' && i+1 < len(s) && s[i+1] == '*':
+			depth++
+			i += 2
+		case s[i] == '*' && i+1 < len(s) && s[i+1] == '/':
+			depth--
+			i += 2
+			if depth == 0 {
+				return i
+			}
+		default:
+			i++
+		}
+	}
+	return i
 }
