@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/goleak"
 
 	"github.com/multilanes/lanes/internal/pgcluster"
@@ -143,5 +144,55 @@ func TestStartFailures(t *testing.T) {
 	_, err = pgcluster.Start(t.Context(), pgcluster.Options{Params: map[string]string{"shared_buffers": "lots"}})
 	if err == nil || !strings.Contains(err.Error(), "server log:") || !strings.Contains(err.Error(), "shared_buffers") {
 		t.Fatalf("Start with a bad setting: %v, want an error quoting the server log", err)
+	}
+}
+
+func TestStandbyReplaysThePrimaryAndRefusesListen(t *testing.T) {
+	t.Parallel()
+	primary := startCluster(t, pgcluster.Options{})
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	standby, err := primary.StartStandby(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := standby.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	if standby.Port() == primary.Port() {
+		t.Fatalf("standby on the primary's port %d", primary.Port())
+	}
+	if n, err := queryInt(ctx, standby.ConnString("postgres"), "select pg_is_in_recovery()::int"); err != nil || n != 1 {
+		t.Fatalf("pg_is_in_recovery on the standby: %d, %v", n, err)
+	}
+	conn, err := pgx.Connect(ctx, primary.ConnString("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	if _, err := conn.Exec(ctx, "create table replicated as select 42 as answer"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		n, err := queryInt(ctx, standby.ConnString("postgres"), "select answer from replicated")
+		if err == nil && n == 42 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the standby never replayed the primary's table: %d, %v", n, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	sconn, err := pgx.Connect(ctx, standby.ConnString("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sconn.Close(context.WithoutCancel(ctx))
+	var pgErr *pgconn.PgError
+	if _, err := sconn.Exec(ctx, "listen anything"); !errors.As(err, &pgErr) || pgErr.Code != "25006" {
+		t.Fatalf("LISTEN on the standby: %v, want SQLSTATE 25006", err)
 	}
 }
