@@ -23,10 +23,11 @@ type Config struct {
 	// Notifier tunes the LISTEN connection. Its Channel is always the Migrator's and its Logger
 	// is Logger.
 	Notifier notifier.Config
-	// TakeoverInterval is how often a replica that is not applying a pending background lane
-	// tries that lane's lock (±20 % jitter), so that it takes the lane over when the replica
-	// applying it dies. Each try costs two short queries on one kept connection, and only while
-	// the lane is pending. Default: 2s.
+	// TakeoverInterval bounds how long a replica waiting for another replica's background lane
+	// goes without trying the lane's lock itself (±20 % jitter). The usual way a waiting replica
+	// notices that the applying replica died is quicker and cheaper: the listener's periodic
+	// check (every Notifier.PingInterval, in place of its ping, on the listener's connection)
+	// sees the lane's lock free. Default: 1m.
 	TakeoverInterval time.Duration
 	// RetryMin and RetryMax bound the backoff between retries of a migration that failed with
 	// a transient error (serialization failure, deadlock, lock timeout, lost connection).
@@ -74,7 +75,7 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 		return nil, errors.New("app: nil migrator")
 	}
 	if cfg.TakeoverInterval <= 0 {
-		cfg.TakeoverInterval = 2 * time.Second
+		cfg.TakeoverInterval = time.Minute
 	}
 	if cfg.RetryMin <= 0 {
 		cfg.RetryMin = time.Second
@@ -95,6 +96,9 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	ncfg := cfg.Notifier
 	ncfg.Channel = m.Channel()
 	ncfg.Logger = cfg.Logger.With().Str("component", "notifier").Logger()
+	if ncfg.Check == nil {
+		ncfg.Check = r.check
+	}
 	l, err := notifier.New(m.ConnConfig(), ncfg, r.sync)
 	if err != nil {
 		return nil, fmt.Errorf("app: %w", err)
@@ -133,6 +137,9 @@ func (r *Runtime) Start(ctx context.Context) error {
 	for _, l := range r.lanes {
 		if l.Mode != migrator.Blocking {
 			continue
+		}
+		if st, _ := r.laneStatus(l.Name); st.Done() {
+			continue // the listener's first read, made after LISTEN, found it applied
 		}
 		res, err := r.m.Migrate(ctx, l.Name)
 		if err != nil {
@@ -341,6 +348,35 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 		}
 		via = "notification"
 		r.log.Debug().Str("lane", ev.Lane).Int32("version", ev.Version).Msg("notification received")
+		if _, known := r.state[ev.Lane]; known && ev.Released {
+			// The applying session stopped and released the lock: waiting replicas try it now.
+			// A spoofed hint costs only that try.
+			r.setLocked(ev.Lane, false, via)
+		}
+		if _, known := r.state[ev.Lane]; known && ev.Error == "" {
+			// A migration committed: only that lane's version changed. Re-read just it (one
+			// short statement) rather than the full status, whose pg_locks scans cost
+			// O(max_connections) and run on every replica at the same moment.
+			v, err := r.m.Version(ctx, conn, ev.Lane)
+			if err != nil {
+				return err
+			}
+			st, _ := r.laneStatus(ev.Lane)
+			if v > st.Version {
+				st.Version = v
+				if st.Failure != nil && st.Failure.Version <= v {
+					st.Failure, st.Error = nil, ""
+				}
+				switch {
+				case v > st.Latest:
+					st.State, st.Locked = migrator.StateAhead, false
+				case v == st.Latest:
+					st.State, st.Locked = migrator.StateDone, false
+				}
+				r.update([]migrator.LaneStatus{st}, via)
+			}
+			return nil
+		}
 	} else if r.listener != nil && r.listener.Mode() == notifier.ModePolling {
 		via = "poll"
 	}
@@ -395,11 +431,56 @@ func (r *Runtime) update(lanes []migrator.LaneStatus, via string) {
 			close(s.done)
 			s.via, s.doneAt = via, r.cfg.Now()
 			r.log.Info().Str("lane", st.Name).Int32("version", st.Version).Str("via", via).Msg("lane done")
+			if st.Version > st.Latest {
+				r.log.Warn().Str("lane", st.Name).Int32("version", st.Version).Int32("latest", st.Latest).
+					Msg("database is ahead of this binary: a newer deploy applied migrations this binary does not know; treating the lane as done")
+			}
 		}
 	}
 	if changed {
 		close(r.changed)
 		r.changed = make(chan struct{})
+	}
+}
+
+// check runs on the listener's connection every PingInterval, in place of its ping. For each
+// background lane this replica waits for, it asks in one statement whether the lane's lock is
+// free (taking and releasing it at once); if so it marks the lane unlocked, which wakes the
+// waiting goroutine to take the lane over. With no lane to watch it is a plain ping.
+func (r *Runtime) check(ctx context.Context, conn *pgx.Conn) error {
+	var waiting []string
+	r.mu.Lock()
+	for _, l := range r.lanes {
+		if s := r.state[l.Name]; s.role == "waiting" && !s.status.Done() {
+			waiting = append(waiting, l.Name)
+		}
+	}
+	r.mu.Unlock()
+	if len(waiting) == 0 {
+		return conn.Ping(ctx)
+	}
+	for _, lane := range waiting {
+		key, err := r.m.LockKey(lane)
+		if err != nil {
+			return err
+		}
+		var free bool
+		if err := conn.QueryRow(ctx, "select case when pg_try_advisory_lock($1) then pg_advisory_unlock($1) else false end", key).Scan(&free); err != nil {
+			return err
+		}
+		if free {
+			r.setLocked(lane, false, "check")
+		}
+	}
+	return nil
+}
+
+// setLocked records whether the lane's lock was seen held.
+func (r *Runtime) setLocked(lane string, locked bool, via string) {
+	st, _ := r.laneStatus(lane)
+	if st.Locked != locked {
+		st.Locked = locked
+		r.update([]migrator.LaneStatus{st}, via)
 	}
 }
 

@@ -428,7 +428,9 @@ func ExampleRuntime() {
 		"001_create.sql": {Data: []byte("create table items (id int primary key, name text);")},
 	}}
 	slow := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
-		"001_index.sql": {Data: []byte("---- tern: disable-tx ----\ncreate index concurrently if not exists items_name on items (name);")},
+		// Re-runnable: an interrupted concurrent build leaves an INVALID index that "if not
+		// exists" would keep, so drop whatever is there first.
+		"001_index.sql": {Data: []byte("---- tern: disable-tx ----\ndrop index concurrently if exists items_name;\ncreate index concurrently items_name on items (name);")},
 	}}
 	m, err := migrator.New(cc, []migrator.Lane{fast, slow}, migrator.Config{})
 	if err != nil {
@@ -452,4 +454,41 @@ func ExampleRuntime() {
 	// Output:
 	// ready: true
 	// search by name enabled
+}
+
+// The listener's periodic check, not the backstop timer, notices that the applying session died.
+func TestTakeoverThroughTheListenersCheck(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	g := newGate()
+	m, err := migrator.New(e.cc, []migrator.Lane{fastLane, slowLane(g)}, migrator.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Neither the backstop timer nor a's own retry can move the lane on within the test.
+	start := func() *app.Runtime {
+		r, err := app.New(m, app.Config{TakeoverInterval: time.Hour, RetryMin: time.Hour, RetryMax: time.Hour,
+			Notifier: notifier.Config{PingInterval: 200 * time.Millisecond}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		if err := r.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	a := start()
+	waitStarted(t, g)
+	b := start()
+	eventually(t, "b waits for a", 10*time.Second, func() bool { return b.View().Lanes[1].Role == "waiting" })
+	e.exec(`select pg_terminate_backend(l.pid) from pg_locks l
+where l.locktype = 'advisory' and l.granted and l.pid <> pg_backend_pid() and l.database = (select oid from pg_database where datname = current_database())`)
+	close(g.release)
+	waitDone(t, b, "slow")
+	waitDone(t, a, "slow")
+	// a's run died with its session and a cannot retry within the test: b ran it again.
+	if n := g.runs.Load(); n != 2 {
+		t.Fatalf("slow migration ran %d times, want 2 (a's killed run, b's takeover)", n)
+	}
 }

@@ -3,11 +3,11 @@ package app
 import (
 	"context"
 	"errors"
-	"math/rand/v2"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/multilanes/lanes/internal/backoff"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -89,9 +89,18 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			// Another replica is applying the lane: follow it through the listener, and try the
 			// lock again after TakeoverInterval in case it died, or sooner when the listener
 			// reports the lock free (the holder gave up or failed).
+			// Another replica is applying the lane. Follow it through the listener; its periodic
+			// check tells when the lock is free (the holder died), and TakeoverInterval bounds
+			// the wait in any case. Keep no connection meanwhile: it would double the
+			// connections of every waiting replica.
 			retries = 0
+			r.setLocked(l.Name, true, "check")
 			r.setRole(l.Name, "waiting")
-			if err := r.waitForHolder(ctx, l.Name, changed); err != nil {
+			cctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			_ = (*conn).Close(cctx) // nothing is pending on it
+			cancel()
+			*conn = nil
+			if err := r.waitForHolder(ctx, l.Name); err != nil {
 				return err
 			}
 		case errors.As(err, &drift):
@@ -117,21 +126,20 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 
 // waitForHolder waits while another session holds the lane's lock: until the listener reports
 // the lane done or its lock free, or TakeoverInterval passes, or ctx is done.
-func (r *Runtime) waitForHolder(ctx context.Context, lane string, changed <-chan struct{}) error {
-	t := time.NewTimer(jitter(r.cfg.TakeoverInterval))
+func (r *Runtime) waitForHolder(ctx context.Context, lane string) error {
+	t := time.NewTimer(backoff.Jitter(r.cfg.TakeoverInterval))
 	defer t.Stop()
 	for {
+		st, changed := r.laneStatus(lane)
+		if st.Done() || !st.Locked {
+			return nil
+		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-t.C:
 			return nil
 		case <-changed:
-			var st migrator.LaneStatus
-			st, changed = r.laneStatus(lane)
-			if st.Done() || !st.Locked {
-				return nil
-			}
 		}
 	}
 }
@@ -162,22 +170,7 @@ func (r *Runtime) failed(l migrator.LaneInfo, me *migrator.MigrationError) {
 
 // backoff sleeps for the next capped exponential delay with full jitter.
 func (r *Runtime) backoff(ctx context.Context, retries *int) error {
-	d := r.cfg.RetryMin << min(*retries, 20)
-	if d > r.cfg.RetryMax || d <= 0 {
-		d = r.cfg.RetryMax
-	}
+	d := backoff.Exponential(*retries, r.cfg.RetryMin, r.cfg.RetryMax)
 	*retries++
-	t := time.NewTimer(time.Duration(rand.Int64N(int64(d)) + 1))
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
-}
-
-// jitter returns d changed by up to ±20 %.
-func jitter(d time.Duration) time.Duration {
-	return d - d/5 + time.Duration(rand.Int64N(int64(d)*2/5+1))
+	return backoff.Sleep(ctx, d)
 }

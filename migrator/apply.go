@@ -22,6 +22,9 @@ type Event struct {
 	Done bool `json:"done,omitempty"`
 	// Error is set when a migration to Version failed.
 	Error string `json:"error,omitempty"`
+	// Released is set when the session applying the lane stopped before the end (it was
+	// cancelled, as on SIGTERM) and released the lane's lock: another replica may take over.
+	Released bool `json:"released,omitempty"`
 }
 
 // ParseEvent decodes a notification payload. Payloads that are not an Event return an error.
@@ -194,12 +197,14 @@ values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`, l.Name, mig.Version
 	return &Event{Lane: l.Name, Version: mig.Version, Error: msg}
 }
 
-// announce sends ev on the channel, best effort.
+// announce sends ev on the channel, best effort, also after ctx was cancelled (a stop).
 func (m *Migrator) announce(ctx context.Context, conn *pgx.Conn, ev Event) {
 	if conn.IsClosed() {
 		return
 	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
 	if _, err := conn.Exec(ctx, "select pg_notify($1, $2)", m.cfg.Channel, ev.payload()); err != nil {
-		m.cfg.Logger.Warn().Err(err).Str("lane", ev.Lane).Msg("could not announce the failure")
+		m.cfg.Logger.Warn().Err(err).Str("lane", ev.Lane).Msg("could not announce the lane's event")
 	}
 }

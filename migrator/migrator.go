@@ -11,6 +11,8 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 	"github.com/rs/zerolog"
+
+	"github.com/multilanes/lanes/internal/backoff"
 )
 
 // DefaultChannel is the channel a lane's completion is announced on.
@@ -274,7 +276,7 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 		if !wait {
 			return res, fmt.Errorf("lane %q: %w", name, ErrLocked)
 		}
-		if err := sleep(ctx, jitter(m.cfg.LockPollInterval)); err != nil {
+		if err := backoff.Sleep(ctx, backoff.Jitter(m.cfg.LockPollInterval)); err != nil {
 			return res, fmt.Errorf("lane %q: wait for lock: %w", name, err)
 		}
 		if v, err = readVersion(ctx, conn, l.table); err != nil {
@@ -292,8 +294,13 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 				err = fmt.Errorf("lane %q: %w", name, uerr)
 			}
 		}
-		if failure != nil {
+		switch {
+		case failure != nil:
 			m.announce(ctx, conn, *failure)
+		case err != nil && ctx.Err() != nil:
+			// Stopped halfway: tell the replicas waiting for this lane that its lock is free,
+			// so they need not wait for their next check to take it over.
+			m.announce(ctx, conn, Event{Lane: name, Version: res.To, Released: true})
 		}
 	}()
 
@@ -358,6 +365,16 @@ func (m *Migrator) Connect(ctx context.Context) (*pgx.Conn, error) {
 	return conn, nil
 }
 
+// Version reads one lane's applied version without any lock (one short statement); a missing
+// version table is version 0.
+func (m *Migrator) Version(ctx context.Context, q Querier, lane string) (int32, error) {
+	l, ok := m.byName[lane]
+	if !ok {
+		return 0, fmt.Errorf("lane %q: %w", lane, ErrUnknownLane)
+	}
+	return readVersion(ctx, q, l.table)
+}
+
 // failedBefore returns a *MigrationError wrapping ErrFailedBefore when the lane's last recorded
 // attempt was this very migration (same version and checksum) and failed permanently.
 func (m *Migrator) failedBefore(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration) error {
@@ -383,7 +400,7 @@ func (m *Migrator) failedBefore(ctx context.Context, conn *pgx.Conn, l *loadedLa
 }
 
 // readVersion reads a lane's version without any lock; a missing version table is version 0.
-func readVersion(ctx context.Context, conn *pgx.Conn, t tableName) (int32, error) {
+func readVersion(ctx context.Context, conn Querier, t tableName) (int32, error) {
 	var v *int32
 	err := conn.QueryRow(ctx, "select max(version) from "+t.Quoted()).Scan(&v)
 	var pgErr *pgconn.PgError

@@ -21,13 +21,14 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	mrand "math/rand/v2"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
+
+	"github.com/multilanes/lanes/internal/backoff"
 )
 
 // Handler reads the durable state on conn. n is nil after a (re)connect and on a polling tick,
@@ -42,6 +43,11 @@ type Config struct {
 	// PingInterval is how long the connection may stay silent before it is pinged.
 	// Default: 5s.
 	PingInterval time.Duration
+	// Check, when set, runs in place of the ping at least every PingInterval, notifications or
+	// not, under the PingTimeout deadline. It must run at least one statement on conn (which
+	// proves the connection); an error makes the listener reconnect. The app runtime uses it to
+	// see whether the lock of a lane it waits for has been released.
+	Check func(ctx context.Context, conn *pgx.Conn) error
 	// PingTimeout bounds a ping and a connect attempt. Default: 5s.
 	PingTimeout time.Duration
 	// ReconnectMin and ReconnectMax bound the exponential backoff between reconnect attempts
@@ -224,7 +230,11 @@ func (l *Listener) run(ctx context.Context, conn *pgx.Conn, listening bool) {
 			attempt = 0
 		}
 		l.setMode(ModeConnecting)
-		if err := sleepCtx(ctx, l.backoff(attempt)); err != nil {
+		wait := time.Duration(0)
+		if attempt > 0 {
+			wait = backoff.Exponential(attempt-1, l.cfg.ReconnectMin, l.cfg.ReconnectMax)
+		}
+		if err := backoff.Sleep(ctx, wait); err != nil {
 			return
 		}
 		attempt++
@@ -349,11 +359,20 @@ func (l *Listener) fallback(why string) {
 	l.wasPolling = true
 }
 
-// listen waits for notifications, pinging when the connection has been silent for
-// PingInterval. It returns when the connection fails or ctx is done.
+// listen waits for notifications and pings (or runs Check) every PingInterval. It returns when
+// the connection fails or ctx is done.
 func (l *Listener) listen(ctx context.Context, conn *pgx.Conn) error {
+	lastCheck := time.Now()
 	for {
-		wctx, cancel := context.WithTimeout(ctx, l.cfg.PingInterval)
+		wait := l.cfg.PingInterval - time.Since(lastCheck)
+		if wait <= 0 {
+			if err := l.check(ctx, conn); err != nil {
+				return err
+			}
+			lastCheck = time.Now()
+			continue
+		}
+		wctx, cancel := context.WithTimeout(ctx, wait)
 		n, err := conn.WaitForNotification(wctx)
 		cancel()
 		if ctx.Err() != nil {
@@ -363,13 +382,7 @@ func (l *Listener) listen(ctx context.Context, conn *pgx.Conn) error {
 			if !pgconn.Timeout(err) || conn.IsClosed() {
 				return fmt.Errorf("wait for notification: %w", err)
 			}
-			pctx, cancel := context.WithTimeout(ctx, l.cfg.PingTimeout)
-			err = conn.Ping(pctx)
-			cancel()
-			if err != nil {
-				return fmt.Errorf("ping: %w", err)
-			}
-			continue
+			continue // time to check
 		}
 		l.count(func(s *Stats) { s.Notifications++ })
 		if err := l.sync(ctx, conn, n); err != nil {
@@ -378,12 +391,28 @@ func (l *Listener) listen(ctx context.Context, conn *pgx.Conn) error {
 	}
 }
 
+// check pings the connection, or runs Config.Check, under PingTimeout.
+func (l *Listener) check(ctx context.Context, conn *pgx.Conn) error {
+	pctx, cancel := context.WithTimeout(ctx, l.cfg.PingTimeout)
+	defer cancel()
+	var err error
+	if l.cfg.Check != nil {
+		err = l.cfg.Check(pctx, conn)
+	} else {
+		err = conn.Ping(pctx)
+	}
+	if err != nil {
+		return fmt.Errorf("ping: %w", err)
+	}
+	return nil
+}
+
 // poll calls the handler every PollInterval and returns errRelisten after RelistenInterval so
 // that run reconnects and tries LISTEN again.
 func (l *Listener) poll(ctx context.Context, conn *pgx.Conn) error {
 	relisten := time.Now().Add(l.cfg.RelistenInterval)
 	for {
-		if err := sleepCtx(ctx, l.cfg.PollInterval); err != nil {
+		if err := backoff.Sleep(ctx, l.cfg.PollInterval); err != nil {
 			return err
 		}
 		l.count(func(s *Stats) { s.Polls++ })
@@ -408,30 +437,4 @@ func (l *Listener) close(conn *pgx.Conn) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	_ = conn.Close(ctx) // the connection is being dropped; its close error changes nothing
-}
-
-// backoff returns the wait before reconnect attempt n: full jitter over a capped exponential.
-func (l *Listener) backoff(n int) time.Duration {
-	if n == 0 {
-		return 0
-	}
-	d := l.cfg.ReconnectMin << min(n-1, 20)
-	if d > l.cfg.ReconnectMax || d <= 0 {
-		d = l.cfg.ReconnectMax
-	}
-	return time.Duration(mrand.Int64N(int64(d)) + 1)
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }
