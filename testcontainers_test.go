@@ -5,64 +5,21 @@ package main
 // The database comes from pgtest: TEST_DATABASE_URL, else a PostgreSQL container started with
 // testcontainers-go (image LANES_TEST_PG_IMAGE, default the official postgres image), else a
 // throwaway cluster. CI runs this file twice: once against the local server and once with
-// LANES_TEST_BACKEND=container, so the testcontainers path is proven too.
+// LANES_TEST_BACKEND=container, so the testcontainers path is proven too. The helpers (replicas,
+// the binary, TestMain) are in helpers_test.go; the fault-injection tests in faults_test.go.
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
-	"github.com/multilanes/lanes/app"
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/migrator"
 )
-
-var binary struct {
-	once sync.Once
-	dir  string
-	path string
-	err  error
-}
-
-func TestMain(m *testing.M) {
-	pgtest.RunMain(m, func() {
-		if binary.dir != "" {
-			os.RemoveAll(binary.dir)
-		}
-	})
-}
-
-// lanesBinary builds the lanes command once per test process.
-func lanesBinary(t *testing.T) string {
-	t.Helper()
-	binary.once.Do(func() {
-		binary.dir, binary.err = os.MkdirTemp("", "lanes-e2e-")
-		if binary.err != nil {
-			return
-		}
-		binary.path = filepath.Join(binary.dir, "lanes")
-		out, err := exec.Command("go", "build", "-race", "-o", binary.path, ".").CombinedOutput()
-		if err != nil {
-			binary.err = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if binary.err != nil {
-		t.Fatal(binary.err)
-	}
-	return binary.path
-}
 
 // migrationsDir writes a fast lane and a slow lane whose one migration takes slowSeconds.
 func migrationsDir(t *testing.T, slowSeconds float64) string {
@@ -83,150 +40,6 @@ func migrationsDir(t *testing.T, slowSeconds float64) string {
 		}
 	}
 	return dir
-}
-
-// replica is one `lanes serve` process.
-type replica struct {
-	name string
-	cmd  *exec.Cmd
-	addr string
-	log  *lockedBuffer
-	done chan error
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
-func freeAddr(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-func startReplica(t *testing.T, name, dbURL, migrations string) *replica {
-	t.Helper()
-	r := &replica{name: name, addr: freeAddr(t), log: &lockedBuffer{}, done: make(chan error, 1)}
-	r.cmd = exec.Command(lanesBinary(t), "serve", "--addr", r.addr)
-	r.cmd.Env = append(os.Environ(), "DATABASE_URL="+dbURL, "LANES_MIGRATIONS="+migrations, "LANES_LOG_FORMAT=json",
-		"PGAPPNAME=lanes-"+name)
-	r.cmd.Stdout, r.cmd.Stderr = r.log, r.log
-	if err := r.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { r.done <- r.cmd.Wait() }()
-	t.Cleanup(func() {
-		r.cmd.Process.Kill()
-		<-r.done
-		if t.Failed() {
-			t.Logf("replica %s log:\n%s", r.name, r.log.String())
-		}
-	})
-	return r
-}
-
-func (r *replica) get(path string) (int, []byte) {
-	client := http.Client{Timeout: 5 * time.Second}
-	resp, err := client.Get("http://" + r.addr + path)
-	if err != nil {
-		return 0, nil
-	}
-	defer resp.Body.Close()
-	var b strings.Builder
-	buf := make([]byte, 4096)
-	for {
-		n, err := resp.Body.Read(buf)
-		b.Write(buf[:n])
-		if err != nil {
-			break
-		}
-	}
-	return resp.StatusCode, []byte(b.String())
-}
-
-func (r *replica) ready() bool {
-	code, _ := r.get("/readyz")
-	return code == http.StatusOK
-}
-
-func (r *replica) status(t *testing.T) app.Status {
-	t.Helper()
-	code, body := r.get("/lanes")
-	var st app.Status
-	if code != http.StatusOK || json.Unmarshal(body, &st) != nil {
-		t.Fatalf("replica %s: GET /lanes = %d %s", r.name, code, body)
-	}
-	return st
-}
-
-func (r *replica) known(t *testing.T, lane string) app.KnownLane {
-	for _, k := range r.status(t).Replica.Lanes {
-		if k.Name == lane {
-			return k
-		}
-	}
-	t.Fatalf("replica %s does not know lane %s", r.name, lane)
-	return app.KnownLane{}
-}
-
-// stop sends SIGTERM and waits for a clean exit.
-func (r *replica) stop(t *testing.T) {
-	t.Helper()
-	if err := r.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-r.done:
-		r.done <- err // for the cleanup
-		if err != nil {
-			t.Fatalf("replica %s exited with %v after SIGTERM:\n%s", r.name, err, r.log.String())
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatalf("replica %s did not stop within 20 s of SIGTERM", r.name)
-	}
-}
-
-func eventually(t *testing.T, what string, within time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s", what, within)
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-}
-
-func queryInt(t *testing.T, dbURL, sql string) int {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, dbURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	var n int
-	if err := conn.QueryRow(ctx, sql).Scan(&n); err != nil {
-		t.Fatalf("%s: %v", sql, err)
-	}
-	return n
 }
 
 // TestReplicasShareTheLanes starts three replicas at once on an empty database, then a fourth

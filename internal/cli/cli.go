@@ -103,6 +103,19 @@ Command flags:
   new --lane NAME       the lane whose folder gets the file (required)
   serve --addr ADDR     listen address; env LANES_ADDR (default :8080)
 
+Tuning for serve and wait (environment variables only; unset or 0: the default; values are Go
+durations such as 500ms, 2s or 1m):
+  LANES_PING_INTERVAL      how often the LISTEN connection is checked (a ping, or for a replica
+                           waiting for another's background lane, a test of that lane's lock):
+                           a dead or half-open connection is replaced, and a lane whose applier
+                           died is taken over (default 5s)
+  LANES_TAKEOVER_INTERVAL  serve: the longest a replica waiting for another's background lane
+                           goes without trying the lane's lock itself, a backstop to the check
+                           above (default 1m, +-20 %)
+  LANES_POLL_INTERVAL      how often the lanes are re-read while LISTEN is unavailable (a hot
+                           standby, a pooler in transaction mode) (default 5s)
+  LANES_RELISTEN_INTERVAL  how often LISTEN is tried again while polling (default 1m)
+
 Global flags may also follow the command. Results go to stdout; logs and errors to stderr.
 Passwords are never printed: a server is shown as host, port, user and database.
 
@@ -241,6 +254,42 @@ type command struct {
 	set        settings
 	log        zerolog.Logger
 	allowDrift bool // migrate --allow-drift
+}
+
+// tuning is what the LANES_*_INTERVAL environment variables set; zero fields keep the
+// defaults of app.Config and notifier.Config.
+type tuning struct {
+	takeover, ping, poll, relisten time.Duration
+}
+
+// tuning reads the LANES_*_INTERVAL environment variables of serve and wait.
+func (c *command) tuning() (tuning, error) {
+	var tu tuning
+	for _, v := range []struct {
+		name string
+		dst  *time.Duration
+	}{
+		{"LANES_TAKEOVER_INTERVAL", &tu.takeover},
+		{"LANES_PING_INTERVAL", &tu.ping},
+		{"LANES_POLL_INTERVAL", &tu.poll},
+		{"LANES_RELISTEN_INTERVAL", &tu.relisten},
+	} {
+		s := strings.TrimSpace(c.env.getenv(v.name))
+		if s == "" {
+			continue
+		}
+		d, err := time.ParseDuration(s)
+		if err != nil || d < 0 {
+			return tu, usageErrorf("invalid %s=%q: want a duration such as 500ms or 2s", v.name, s)
+		}
+		*v.dst = d
+	}
+	return tu, nil
+}
+
+// notifierConfig returns the LISTEN settings of the tuning variables.
+func (tu tuning) notifierConfig() notifier.Config {
+	return notifier.Config{PingInterval: tu.ping, PollInterval: tu.poll, RelistenInterval: tu.relisten}
 }
 
 // connConfig parses the database URL (libpq defaults when empty) and bounds connection attempts.
@@ -634,6 +683,10 @@ func waitFlags(fs *flag.FlagSet) commandBody {
 // re-reading the version tables on every notification (and on every reconnect). It applies
 // nothing.
 func runWait(ctx context.Context, c *command, lane string, version int, timeout time.Duration) error {
+	tu, err := c.tuning()
+	if err != nil {
+		return err
+	}
 	m, err := c.migrator()
 	if err != nil {
 		return err
@@ -681,7 +734,9 @@ func runWait(ctx context.Context, c *command, lane string, version int, timeout 
 		updates <- st[idx]
 		return nil
 	}
-	l, err := notifier.New(m.ConnConfig(), notifier.Config{Channel: m.Channel(), Logger: c.log.With().Str("component", "notifier").Logger()}, handler)
+	ncfg := tu.notifierConfig()
+	ncfg.Channel, ncfg.Logger = m.Channel(), c.log.With().Str("component", "notifier").Logger()
+	l, err := notifier.New(m.ConnConfig(), ncfg, handler)
 	if err != nil {
 		return err
 	}

@@ -122,6 +122,7 @@ func TestHelp(t *testing.T) {
 		}
 		for _, want := range []string{"migrate", "status", "wait", "new", "serve", "demo",
 			"DATABASE_URL", "LANES_MIGRATIONS", "LANES_LOG_FORMAT", "LANES_LANES", "LANES_CHANNEL", "LANES_ADDR",
+			"LANES_TAKEOVER_INTERVAL", "LANES_PING_INTERVAL", "LANES_POLL_INTERVAL", "LANES_RELISTEN_INTERVAL",
 			"Exit codes", "3  wait: --timeout expired"} {
 			if !strings.Contains(res.stdout, want) {
 				t.Errorf("%q: usage does not mention %q", args, want)
@@ -430,6 +431,27 @@ func TestGlobalFlagsOverrideEnvironment(t *testing.T) {
 	// Global flags after the command work too.
 	if res := runCLI(t, env, append([]string{"status", "--json"}, flags...)...); res.code != ExitOK || !strings.Contains(res.stdout, `"lanes"`) {
 		t.Fatalf("status with global flags after the command: %v", res)
+	}
+}
+
+func TestTuningVariables(t *testing.T) {
+	t.Parallel()
+	dir := writeTree(t, map[string]string{"fast/001_a.sql": "select 1;", "slow/001_b.sql": "select 1;"})
+	for _, name := range []string{"LANES_TAKEOVER_INTERVAL", "LANES_PING_INTERVAL", "LANES_POLL_INTERVAL", "LANES_RELISTEN_INTERVAL"} {
+		for _, bad := range []string{"soon", "-1s", "5"} {
+			vars := map[string]string{"DATABASE_URL": "postgres://nobody@127.0.0.1:1/none", "LANES_MIGRATIONS": dir, name: bad}
+			for _, args := range [][]string{{"serve", "--addr", "127.0.0.1:0"}, {"wait", "--lane", "slow"}} {
+				if res := runCLI(t, vars, args...); res.code != ExitUsage || !strings.Contains(res.stderr, name) {
+					t.Errorf("%s=%q %q: want exit %d naming the variable, got %v", name, bad, args, ExitUsage, res)
+				}
+			}
+		}
+	}
+	set := map[string]string{"LANES_TAKEOVER_INTERVAL": "250ms", "LANES_PING_INTERVAL": " 1s ", "LANES_POLL_INTERVAL": "0", "LANES_RELISTEN_INTERVAL": "2m"}
+	c := &command{env: &env{getenv: func(k string) string { return set[k] }}}
+	tu, err := c.tuning()
+	if err != nil || tu != (tuning{takeover: 250 * time.Millisecond, ping: time.Second, relisten: 2 * time.Minute}) {
+		t.Fatalf("tuning = %+v, %v", tu, err)
 	}
 }
 

@@ -40,11 +40,15 @@ func serveFlags(fs *flag.FlagSet) commandBody {
 // starts (blocking lanes, then background lanes in its own goroutines). On cancellation the HTTP
 // server shuts down gracefully, then the runtime closes, and runServe returns nil.
 func runServe(ctx context.Context, c *command, addr string) error {
+	tu, err := c.tuning()
+	if err != nil {
+		return err
+	}
 	m, err := c.migrator()
 	if err != nil {
 		return err
 	}
-	r, err := app.New(m, app.Config{Logger: c.log})
+	r, err := app.New(m, app.Config{Logger: c.log, TakeoverInterval: tu.takeover, Notifier: tu.notifierConfig()})
 	if err != nil {
 		return err
 	}
