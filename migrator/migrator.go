@@ -126,10 +126,12 @@ func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error
 	return m, nil
 }
 
-// PrepareConnConfig returns a copy of c with the runtime parameters multi-lanes relies on:
-// application_name "lanes" when unset, and client_connection_check_interval=1000 when unset
-// (PostgreSQL 14+) so that a killed client's session, and the lane lock it holds, ends within
-// about a second instead of when its running statement finishes.
+// PrepareConnConfig returns a copy of c with the runtime parameters multi-lanes relies on, each
+// only when unset: application_name "lanes"; client_connection_check_interval=1000 (PostgreSQL
+// 14+) so that a killed client's session, and the lane lock it holds, ends within about a
+// second instead of when its running statement finishes; and server-side TCP keepalives
+// (idle 10 s, interval 5 s, count 3) so that a session cut off by a network partition ends
+// within about 25 s.
 func PrepareConnConfig(c *pgx.ConnConfig) *pgx.ConnConfig {
 	c = c.Copy()
 	if c.RuntimeParams == nil {
@@ -138,8 +140,17 @@ func PrepareConnConfig(c *pgx.ConnConfig) *pgx.ConnConfig {
 	if c.RuntimeParams["application_name"] == "" {
 		c.RuntimeParams["application_name"] = "lanes"
 	}
-	if _, ok := c.RuntimeParams["client_connection_check_interval"]; !ok {
-		c.RuntimeParams["client_connection_check_interval"] = "1000"
+	for k, v := range map[string]string{
+		"client_connection_check_interval": "1000",
+		// Server-side TCP keepalives: a session cut off by a network partition (no FIN, no
+		// RST) ends, and frees its lane lock, after about 10 + 3 × 5 = 25 s.
+		"tcp_keepalives_idle":     "10",
+		"tcp_keepalives_interval": "5",
+		"tcp_keepalives_count":    "3",
+	} {
+		if _, ok := c.RuntimeParams[k]; !ok {
+			c.RuntimeParams[k] = v
+		}
 	}
 	return c
 }

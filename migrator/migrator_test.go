@@ -466,3 +466,27 @@ func TestDriftIsReportedAndStopsMigrate(t *testing.T) {
 		t.Fatalf("with AllowDrift: %+v, %v", res, err)
 	}
 }
+
+func TestDedicatedConnectionSettings(t *testing.T) {
+	t.Parallel()
+	cc, _ := setup(t)
+	ctx := ctxT(t)
+	m := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: twoFiles})
+	conn, err := m.Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var app, check, idle string
+	var tcp bool
+	if err := conn.QueryRow(ctx, `select current_setting('application_name'), current_setting('client_connection_check_interval'),
+  current_setting('tcp_keepalives_idle'), inet_client_addr() is not null`).Scan(&app, &check, &idle, &tcp); err != nil {
+		t.Fatal(err)
+	}
+	if app != "lanes" || check != "1s" {
+		t.Fatalf("application_name %q, client_connection_check_interval %q", app, check)
+	}
+	if tcp && idle != "10" {
+		t.Fatalf("tcp_keepalives_idle = %q over TCP, want 10", idle)
+	}
+}
