@@ -193,6 +193,8 @@ func TestSplitStatements(t *testing.T) {
 		{"select a$1; select 2", []string{"select a$1;", "select 2"}, []int{1, 1}},
 		{"-- only\n/* comments */;", nil, nil},
 		{"\n\n  select 1", []string{"select 1"}, []int{3}},
+		{"select 'a;\nb', \"x;\ny\", E'c\\\n;';\nselect 2", []string{"select 'a;\nb', \"x;\ny\", E'c\\\n;';", "select 2"}, []int{1, 5}},
+		{"select 'unterminated;\n", []string{"select 'unterminated;"}, []int{1}},
 	}
 	for _, c := range cases {
 		got := splitStatements(c.sql)

@@ -39,46 +39,12 @@ func splitStatements(sql string) []statement {
 			end := skipBlockComment(sql, i)
 			line += strings.Count(sql[i:end], "\n")
 			i = end
-		case c == '\'':
-			escapes := i > 0 && (sql[i-1] == 'e' || sql[i-1] == 'E') && (i < 2 || !isIdentChar(sql[i-2]))
-			i++
-			for i < len(sql) {
-				if escapes && sql[i] == '\\' && i+1 < len(sql) {
-					if sql[i+1] == '\n' {
-						line++
-					}
-					i += 2
-					continue
-				}
-				if sql[i] == '\'' {
-					if i+1 < len(sql) && sql[i+1] == '\'' {
-						i += 2
-						continue
-					}
-					i++
-					break
-				}
-				if sql[i] == '\n' {
-					line++
-				}
-				i++
-			}
-		case c == '"':
-			i++
-			for i < len(sql) {
-				if sql[i] == '"' {
-					if i+1 < len(sql) && sql[i+1] == '"' {
-						i += 2
-						continue
-					}
-					i++
-					break
-				}
-				if sql[i] == '\n' {
-					line++
-				}
-				i++
-			}
+		case c == '\'' || c == '"':
+			// E'...' strings take backslash escapes; identifiers and standard strings do not.
+			escapes := c == '\'' && i > 0 && (sql[i-1] == 'e' || sql[i-1] == 'E') && (i < 2 || !isIdentChar(sql[i-2]))
+			end := skipQuoted(sql, i, escapes)
+			line += strings.Count(sql[i:end], "\n")
+			i = end
 		case c == '$' && (i == 0 || !isIdentChar(sql[i-1])):
 			tag, ok := dollarTag(sql[i:])
 			if !ok {
@@ -172,4 +138,22 @@ func skipBlockComment(s string, i int) int {
 		}
 	}
 	return i
+}
+
+// skipQuoted returns the index just past the quoted string or identifier that starts at s[i]
+// (its quote character doubled inside it stands for itself; with escapes, a backslash escapes
+// the next byte); an unterminated one runs to the end.
+func skipQuoted(s string, i int, escapes bool) int {
+	quote := s[i]
+	for i++; i < len(s); i++ {
+		switch {
+		case escapes && s[i] == '\\':
+			i++
+		case s[i] == quote && i+1 < len(s) && s[i+1] == quote:
+			i++
+		case s[i] == quote:
+			return i + 1
+		}
+	}
+	return len(s)
 }
