@@ -34,8 +34,9 @@ func (r *Runtime) runBackground(ctx context.Context) {
 }
 
 // runLane returns once the lane is done, or ctx's error. This replica applies the lane when it
-// wins the lane's lock; otherwise it waits for the listener's updates and retries the lock every
-// TakeoverInterval, which is how it takes the lane over from a replica that died.
+// wins the lane's lock; otherwise it follows the listener's updates and tries the lock again when
+// the listener's check finds it free or the holder announces it released it (how it takes the
+// lane over from a replica that died or stopped), and at the latest after TakeoverInterval.
 func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneInfo) error {
 	defer r.setRole(l.Name, "")
 	retries := 0
@@ -86,9 +87,6 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 		case ctx.Err() != nil:
 			return ctx.Err()
 		case errors.Is(err, migrator.ErrLocked):
-			// Another replica is applying the lane: follow it through the listener, and try the
-			// lock again after TakeoverInterval in case it died, or sooner when the listener
-			// reports the lock free (the holder gave up or failed).
 			// Another replica is applying the lane. Follow it through the listener; its periodic
 			// check tells when the lock is free (the holder died), and TakeoverInterval bounds
 			// the wait in any case. Keep no connection meanwhile: it would double the
