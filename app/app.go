@@ -361,8 +361,10 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 			if err != nil {
 				return err
 			}
-			st, _ := r.laneStatus(ev.Lane)
-			if v > st.Version {
+			r.modify(ev.Lane, via, func(st *migrator.LaneStatus) {
+				if v <= st.Version {
+					return
+				}
 				st.Version = v
 				if st.Failure != nil && st.Failure.Version <= v {
 					st.Failure, st.Error = nil, ""
@@ -373,8 +375,7 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 				case v == st.Latest:
 					st.State, st.Locked = migrator.StateDone, false
 				}
-				r.update([]migrator.LaneStatus{st}, via)
-			}
+			})
 			return nil
 		}
 	} else if r.listener != nil && r.listener.Mode() == notifier.ModePolling {
@@ -390,22 +391,29 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 
 // applied records what this replica's own Migrate call did, without waiting for the listener.
 func (r *Runtime) applied(res migrator.Result) {
-	r.mu.Lock()
-	s := r.state[res.Lane]
-	st := s.status
-	r.mu.Unlock()
-	if res.To > st.Version {
+	via := "applied"
+	if res.Applied == 0 {
+		via = "check" // its own version read found the work done by another replica
+	}
+	r.modify(res.Lane, via, func(st *migrator.LaneStatus) {
+		if res.To <= st.Version {
+			return
+		}
 		st.Version = res.To
 		st.Failure, st.Error = nil, ""
 		if st.Version >= st.Latest {
 			st.State = migrator.StateDone
 		}
-		via := "applied"
-		if res.Applied == 0 {
-			via = "check" // its own version read found the work done by another replica
-		}
-		r.update([]migrator.LaneStatus{st}, via)
-	}
+	})
+}
+
+// modify changes one lane's state with f under the mutex, then stores it like update.
+func (r *Runtime) modify(lane, via string, f func(st *migrator.LaneStatus)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := r.state[lane].status
+	f(&st)
+	r.updateLocked([]migrator.LaneStatus{st}, via)
 }
 
 // update stores lane states, closes the Done channels of lanes that are now done and wakes
@@ -413,6 +421,11 @@ func (r *Runtime) applied(res migrator.Result) {
 func (r *Runtime) update(lanes []migrator.LaneStatus, via string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.updateLocked(lanes, via)
+}
+
+// updateLocked is update with r.mu held.
+func (r *Runtime) updateLocked(lanes []migrator.LaneStatus, via string) {
 	changed := false
 	for _, st := range lanes {
 		s, ok := r.state[st.Name]
@@ -477,11 +490,7 @@ func (r *Runtime) check(ctx context.Context, conn *pgx.Conn) error {
 
 // setLocked records whether the lane's lock was seen held.
 func (r *Runtime) setLocked(lane string, locked bool, via string) {
-	st, _ := r.laneStatus(lane)
-	if st.Locked != locked {
-		st.Locked = locked
-		r.update([]migrator.LaneStatus{st}, via)
-	}
+	r.modify(lane, via, func(st *migrator.LaneStatus) { st.Locked = locked })
 }
 
 // setRole records what this replica does with the lane.

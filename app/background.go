@@ -157,13 +157,13 @@ func (r *Runtime) blockedByFailure(l migrator.LaneInfo, st migrator.LaneStatus) 
 // failed records this replica's own permanent failure in its state at once, without waiting for
 // the notification, so the lane is not retried in the meantime.
 func (r *Runtime) failed(l migrator.LaneInfo, me *migrator.MigrationError) {
-	st, _ := r.laneStatus(l.Name)
-	st.State, st.Error = migrator.StateFailed, me.Error()
-	st.Failure = &migrator.Failure{Version: me.Version, File: me.File, SQLState: me.SQLState, Statement: me.Statement, At: r.cfg.Now()}
-	if int(me.Version) <= len(l.Migrations) {
-		st.Failure.Checksum = l.Migrations[me.Version-1].Checksum
-	}
-	r.update([]migrator.LaneStatus{st}, "failed")
+	r.modify(l.Name, "failed", func(st *migrator.LaneStatus) {
+		st.State, st.Error = migrator.StateFailed, me.Error()
+		st.Failure = &migrator.Failure{Version: me.Version, File: me.File, SQLState: me.SQLState, Statement: me.Statement, At: r.cfg.Now()}
+		if int(me.Version) <= len(l.Migrations) {
+			st.Failure.Checksum = l.Migrations[me.Version-1].Checksum
+		}
+	})
 }
 
 // backoff sleeps for the next capped exponential delay with full jitter.
