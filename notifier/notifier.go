@@ -104,6 +104,7 @@ type Listener struct {
 	mu      sync.Mutex
 	mode    Mode
 	started bool
+	stopped bool
 	cancel  context.CancelFunc
 	done    chan struct{}
 
@@ -157,6 +158,12 @@ func (l *Listener) Start(ctx context.Context) error {
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	l.mu.Lock()
+	if l.stopped { // Stop ran while we connected: own nothing
+		l.mu.Unlock()
+		cancel()
+		l.close(conn)
+		return errors.New("notifier: stopped while starting")
+	}
 	l.cancel, l.done = cancel, make(chan struct{})
 	l.mu.Unlock()
 	go func() {
@@ -171,6 +178,7 @@ func (l *Listener) Start(ctx context.Context) error {
 func (l *Listener) Stop() {
 	l.mu.Lock()
 	cancel, done := l.cancel, l.done
+	l.stopped = true
 	l.mu.Unlock()
 	if cancel == nil {
 		l.setMode(ModeStopped)
