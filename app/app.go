@@ -150,10 +150,16 @@ func (r *Runtime) Start(ctx context.Context) error {
 	}
 	bctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	r.mu.Lock()
+	if r.closed { // Close ran while the blocking lanes were applied: start nothing
+		r.mu.Unlock()
+		cancel()
+		r.listener.Stop()
+		return errors.New("app: closed while starting")
+	}
 	r.ready, r.cancel = true, cancel
+	r.wg.Add(1)
 	r.mu.Unlock()
 	r.log.Info().Msg("blocking lanes applied; replica ready")
-	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
 		r.runBackground(bctx)
@@ -250,7 +256,7 @@ func (r *Runtime) WaitVersion(ctx context.Context, lane string, version int32) e
 		if st.Version >= version {
 			return nil
 		}
-		if f := st.Failure; f != nil && f.Version <= version && r.blockedByFailure(r.laneInfo(lane), st) {
+		if f := migrator.BlockingFailure(r.laneInfo(lane), st, version); f != nil {
 			return &FailedError{Lane: lane, Failure: *f, Err: st.Error}
 		}
 		select {

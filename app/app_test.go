@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"testing/fstest"
@@ -15,6 +16,7 @@ import (
 	"os"
 
 	"github.com/multilanes/lanes/app"
+	"github.com/multilanes/lanes/internal/faultproxy"
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
@@ -491,4 +493,89 @@ where l.locktype = 'advisory' and l.granted and l.pid <> pg_backend_pid() and l.
 	if n := g.runs.Load(); n != 2 {
 		t.Fatalf("slow migration ran %d times, want 2 (a's killed run, b's takeover)", n)
 	}
+}
+
+// A replica whose listener polls (LISTEN deaf) and whose own background migration fails must
+// not retry the failed file in a loop while its view of the lane lags.
+func TestPermanentFailureWhilePollingIsNotRetriedInALoop(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	host, port := e.cc.Host, e.cc.Port
+	if strings.HasPrefix(host, "/") {
+		host = "127.0.0.1"
+	}
+	proxy, err := faultproxy.New(fmt.Sprintf("%s:%d", host, port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer proxy.Close()
+	proxy.SetDeaf(true)
+	cc := e.cc.Copy()
+	cc.Host, cc.Port, cc.TLSConfig, cc.Fallbacks = "127.0.0.1", uint16(proxy.Addr().Port), nil, nil
+	bad := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
+		"001_ok.sql":  file("create table ok (i int);"),
+		"002_bad.sql": file("select * from no_such_table;"),
+	}}
+	m, err := migrator.New(cc, []migrator.Lane{fastLane, bad}, migrator.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs lockedLog
+	r, err := app.New(m, app.Config{Logger: zerolog.New(&logs), Notifier: notifier.Config{PollInterval: time.Minute, ProbeTimeout: 100 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if err := r.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var fe *app.FailedError
+	if err := r.Wait(ctx, "slow"); !errors.As(err, &fe) {
+		t.Fatalf("Wait = %v, want *FailedError", err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if n := strings.Count(logs.String(), "background migration failed"); n != 1 {
+		t.Fatalf("the failure was logged %d times, want once (no retry loop)", n)
+	}
+}
+
+// Close while Start applies the blocking lanes: Start starts nothing and reports it.
+func TestCloseDuringStart(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	started := make(chan struct{})
+	slowFast := migrator.Lane{Name: "fast", Funcs: []migrator.GoMigration{{Version: 1, Name: "slow_start", Up: func(ctx context.Context, c *pgx.Conn) error {
+		close(started)
+		time.Sleep(500 * time.Millisecond)
+		return nil
+	}}}}
+	r := e.runtime(slowFast)
+	errc := make(chan error, 1)
+	go func() { errc <- r.Start(context.Background()) }()
+	<-started
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; err == nil || r.Ready() {
+		t.Fatalf("Start after Close = %v, ready %v; want an error and not ready", err, r.Ready())
+	}
+}
+
+type lockedLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

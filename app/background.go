@@ -45,7 +45,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 		if st.Done() {
 			return nil
 		}
-		if r.blockedByFailure(l, st) {
+		if migrator.BlockingFailure(l, st, l.Latest) != nil {
 			// A permanent failure of this very file: retrying cannot help. Wait until another
 			// replica (a fixed deploy) moves the lane on.
 			select {
@@ -104,15 +104,21 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 		case errors.As(err, &drift):
 			// Applied files changed: an operator must decide (restore them or allow drift).
 			r.log.Error().Err(err).Str("lane", l.Name).Msg("background lane stopped: applied migrations changed since they were applied")
-			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case <-changed:
+			if err := r.waitForChange(ctx, changed); err != nil {
+				return err
 			}
 		case errors.As(err, &me) && !me.Transient():
 			r.log.Error().Err(err).Str("lane", l.Name).Str("file", me.File).
 				Msg("background migration failed; it is recorded and will not be retried until the file changes")
 			r.failed(l, me)
+		case !migrator.IsTransient(err) && me == nil:
+			// Not a migration's error but not transient either (permission denied on the
+			// version table's schema, a missing schema): say so as an error and try again
+			// after TakeoverInterval or when the lane changes, not in a loop.
+			r.log.Error().Err(err).Str("lane", l.Name).Msg("background lane cannot proceed; trying again later")
+			if err := r.waitForChange(ctx, changed); err != nil {
+				return err
+			}
 		default:
 			r.log.Warn().Err(err).Str("lane", l.Name).Msg("background lane interrupted by a transient error; retrying with backoff")
 			if err := r.backoff(ctx, &retries); err != nil {
@@ -142,22 +148,26 @@ func (r *Runtime) waitForHolder(ctx context.Context, lane string) error {
 	}
 }
 
-// blockedByFailure reports whether the lane's last attempt failed permanently on the very file
-// this binary would run next (same checksum), so that running it again is pointless. Whether
-// some session holds the lock does not matter: a deploy with a fixed file that applies it moves
-// the version on, and that clears the failure.
-func (r *Runtime) blockedByFailure(l migrator.LaneInfo, st migrator.LaneStatus) bool {
-	f := st.Failure
-	if f == nil || f.Transient || f.Version != st.Version+1 || int(f.Version) > len(l.Migrations) {
-		return false
+// waitForChange waits until the lane's state changes, TakeoverInterval passes or ctx is done.
+func (r *Runtime) waitForChange(ctx context.Context, changed <-chan struct{}) error {
+	t := time.NewTimer(backoff.Jitter(r.cfg.TakeoverInterval))
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-changed:
+	case <-t.C:
 	}
-	return l.Migrations[f.Version-1].Checksum == f.Checksum
+	return nil
 }
 
 // failed records this replica's own permanent failure in its state at once, without waiting for
 // the notification, so the lane is not retried in the meantime.
 func (r *Runtime) failed(l migrator.LaneInfo, me *migrator.MigrationError) {
 	r.modify(l.Name, "failed", func(st *migrator.LaneStatus) {
+		// A failure of version N proves N-1 applied, and this replica held the lock until now.
+		st.Version = max(st.Version, me.Version-1)
+		st.Locked = false
 		st.State, st.Error = migrator.StateFailed, me.Error()
 		st.Failure = &migrator.Failure{Version: me.Version, File: me.File, SQLState: me.SQLState, Statement: me.Statement, At: r.cfg.Now()}
 		if int(me.Version) <= len(l.Migrations) {

@@ -759,7 +759,7 @@ func runWait(ctx context.Context, c *command, lane string, version int, timeout 
 					Dur("waited", c.env.now().Sub(start)).Msg("lane reached the version")
 				return nil
 			}
-			if f := blockingFailure(info, st, want); f != nil {
+			if f := migrator.BlockingFailure(info, st, want); f != nil {
 				return fmt.Errorf("lane %q cannot reach version %d: recorded permanent failure of %s (fix the migration and deploy again): %s",
 					lane, want, f.File, oneLine(st.Error))
 			}
@@ -775,21 +775,6 @@ func runWait(ctx context.Context, c *command, lane string, version int, timeout 
 			return timedOut(fmt.Sprintf("is at version %d", last.Version))
 		}
 	}
-}
-
-// blockingFailure returns the recorded failure that stops the lane from reaching version want:
-// a permanent failure of the very next migration, not being retried right now (no session holds
-// the lane's lock), of a file this binary would run unchanged or does not know. A failure of a
-// file that this binary has changed is not blocking: a fixed deploy is about to retry it.
-func blockingFailure(l migrator.LaneInfo, st migrator.LaneStatus, want int32) *migrator.Failure {
-	f := st.Failure
-	if f == nil || f.Transient || st.Locked || f.Version != st.Version+1 || f.Version > want {
-		return nil
-	}
-	if int(f.Version) <= len(l.Migrations) && l.Migrations[f.Version-1].Checksum != f.Checksum {
-		return nil
-	}
-	return f
 }
 
 // ----- new
