@@ -53,8 +53,8 @@ func (e Event) payload() string {
 	return string(b)
 }
 
-// apply runs one migration and records it: the statements, the version bump, the history row
-// and, when due, the notification, all in one transaction unless the migration is disable-tx.
+// apply runs one migration and records it: the SQL, the version bump, the history row and,
+// when due, the notification, all in one transaction unless the migration is disable-tx.
 func (m *Migrator) apply(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration, start time.Time) error {
 	if mig.DisableTx {
 		if err := m.execute(ctx, conn, mig); err != nil {
@@ -62,12 +62,48 @@ func (m *Migrator) apply(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig
 		}
 		return m.inTx(ctx, conn, mig, func(tx pgx.Tx) error { return m.record(ctx, tx, l, mig, start) })
 	}
-	return m.inTx(ctx, conn, mig, func(tx pgx.Tx) error {
+	err := m.inTx(ctx, conn, mig, func(tx pgx.Tx) error {
 		if err := m.execute(ctx, conn, mig); err != nil {
 			return err
 		}
 		return m.record(ctx, tx, l, mig, start)
 	})
+	var me *MigrationError
+	if errors.As(err, &me) && me.Statement == "" && me.SQLState != "" && len(mig.statements) > 1 &&
+		ctx.Err() == nil && m.cfg.Now().Sub(start) < 10*time.Second {
+		m.locate(ctx, conn, mig, me)
+	}
+	return err
+}
+
+// locate finds the statement of a failed transactional migration whose error carries no
+// position (a constraint violation, a division by zero): it runs the statements again one by one
+// in a transaction it rolls back, each under a 5 s statement timeout, and names the first that
+// fails with the same SQLSTATE. Only failures that took under 10 s are located this way.
+func (m *Migrator) locate(ctx context.Context, conn *pgx.Conn, mig *Migration, me *MigrationError) {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return
+	}
+	defer func() {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_ = tx.Rollback(rctx) // the replay only locates; nothing of it may stay
+	}()
+	if _, err := tx.Exec(ctx, "set local statement_timeout = '5s'"); err != nil {
+		return
+	}
+	for _, st := range mig.statements {
+		_, err := tx.Exec(ctx, st.SQL)
+		if err == nil {
+			continue
+		}
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == me.SQLState {
+			me.Statement, me.Line = st.SQL, mig.lineOffset+st.Line
+		}
+		return
+	}
 }
 
 // inTx runs f in a transaction and commits it, rolling back on any error (on a context that is
@@ -89,12 +125,19 @@ func (m *Migrator) inTx(ctx context.Context, conn *pgx.Conn, mig *Migration, f f
 	return nil
 }
 
-// execute runs the migration's statements one by one (so an error names its statement), or its
-// Go function.
+// execute runs a migration: a transactional file as one simple-protocol query, exactly as tern
+// does (so SQL that a statement splitter could misread, such as BEGIN ATOMIC bodies, runs as
+// written); a disable-tx file statement by statement; a Go migration's function.
 func (m *Migrator) execute(ctx context.Context, conn *pgx.Conn, mig *Migration) error {
 	if mig.Func != nil {
 		if err := mig.Func(ctx, conn); err != nil {
 			return m.wrap(mig, statement{}, err)
+		}
+		return nil
+	}
+	if !mig.DisableTx {
+		if _, err := conn.Exec(ctx, mig.SQL); err != nil {
+			return m.wrapFile(mig, err)
 		}
 		return nil
 	}
@@ -104,6 +147,36 @@ func (m *Migrator) execute(ctx context.Context, conn *pgx.Conn, mig *Migration) 
 		}
 	}
 	return nil
+}
+
+// wrapFile wraps the error of a whole-file query, naming the statement and line from the error
+// position when the server gives one (a position counts characters from 1 in the query sent),
+// and the only statement of a one-statement file otherwise.
+func (m *Migrator) wrapFile(mig *Migration, err error) error {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return m.wrap(mig, statement{}, err)
+	}
+	if pgErr.Position <= 0 {
+		if len(mig.statements) == 1 {
+			return m.wrap(mig, mig.statements[0], err)
+		}
+		return m.wrap(mig, statement{}, err) // apply locates it by replay
+	}
+	off, chars := 0, int(pgErr.Position)-1
+	for off < len(mig.SQL) && chars > 0 {
+		_, size := utf8.DecodeRuneInString(mig.SQL[off:])
+		off += size
+		chars--
+	}
+	me := m.wrap(mig, statement{}, err).(*MigrationError)
+	me.Line = mig.lineOffset + 1 + strings.Count(mig.SQL[:off], "\n")
+	for _, st := range mig.statements {
+		if st.Offset <= off && off <= st.Offset+len(st.SQL) {
+			me.Statement = st.SQL
+		}
+	}
+	return me
 }
 
 // wrap turns err into a *MigrationError naming the lane, the file, the statement and its line.

@@ -490,3 +490,43 @@ func TestDedicatedConnectionSettings(t *testing.T) {
 		t.Fatalf("tcp_keepalives_idle = %q over TCP, want 10", idle)
 	}
 }
+
+// A transactional file runs as one query, as tern runs it: SQL a statement splitter could
+// misread (a BEGIN ATOMIC body, a rule with several actions) applies as written.
+func TestFileRunsAsOneQueryLikeTern(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{
+		"001_atomic.sql": file("create table log (i int);\ncreate function two() returns int language sql\nbegin atomic\n  select 1;\n  select 2;\nend;\ncreate table audit (i int);\ncreate rule twice as on insert to log where new.i = 0 do also (insert into audit values (-1); insert into audit values (-2));"),
+		"002_use.sql":    file("insert into log values (two()), (0);"),
+	}}
+	if _, err := newMigrator(t, cc, lane).Migrate(ctx, "fast"); err != nil {
+		t.Fatal(err)
+	}
+	if n := queryInt(t, conn, "select count(*) from log") + queryInt(t, conn, "select count(*) from audit"); n != 4 {
+		t.Fatalf("log and audit have %d rows, want 4", n)
+	}
+	if n := queryInt(t, conn, "select sum(i) from log"); n != 2 {
+		t.Fatalf("sum(log) = %d, want 2: two() must return 2", n)
+	}
+}
+
+// An error without a position (a constraint violation) is still attributed to its statement,
+// located by a replay that leaves nothing behind.
+func TestErrorWithoutPositionNamesTheStatement(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{
+		"001_dup.sql": file("create table u (i int primary key);\ninsert into u values (1);\n\ninsert into u values (2),\n  (1);\ninsert into u values (3);"),
+	}}
+	_, err := newMigrator(t, cc, lane).Migrate(ctx, "fast")
+	var me *migrator.MigrationError
+	if !errors.As(err, &me) || me.SQLState != "23505" || me.Line != 4 || !strings.HasPrefix(me.Statement, "insert into u values (2)") {
+		t.Fatalf("err = %v (%#v)", err, me)
+	}
+	if n := queryInt(t, conn, "select count(*) from pg_tables where tablename = 'u'"); n != 0 {
+		t.Fatal("the failed migration or its replay left the table")
+	}
+}

@@ -4,8 +4,9 @@ import "strings"
 
 // statement is one SQL statement of a migration file with the line of the file it starts on.
 type statement struct {
-	SQL  string
-	Line int // 1-based line of the rendered up SQL where the statement starts
+	SQL    string
+	Line   int // 1-based line of the rendered up SQL where the statement starts
+	Offset int // byte offset in the rendered up SQL where SQL starts
 }
 
 // splitStatements splits SQL into statements at top-level semicolons. It understands
@@ -22,7 +23,7 @@ func splitStatements(sql string) []statement {
 			// Report the line where the statement as sent (trimmed) starts, so that an error
 			// position within it maps onto the file.
 			lead := text[:len(text)-len(strings.TrimLeft(text, " \t\r\n\f"))]
-			out = append(out, statement{SQL: trimmed, Line: startLine + strings.Count(lead, "\n")})
+			out = append(out, statement{SQL: trimmed, Line: startLine + strings.Count(lead, "\n"), Offset: start + len(lead)})
 		}
 	}
 	for i := 0; i < len(sql); {
