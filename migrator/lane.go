@@ -76,6 +76,8 @@ type Lane struct {
 	Mode Mode
 	// VersionTable is the tern-format version table of the lane, optionally schema-qualified
 	// ("schema.table"). Default: "lanes_<name>_version". Each part is quoted as an identifier.
+	// The lane's lock key is derived from this name as written: every binary sharing the
+	// database must spell it the same way ("t" and "public.t" are one table but two locks).
 	VersionTable string
 	// FS holds the lane's files at its root: NNN_title.sql numbered from 1 with no gaps, and
 	// shared templates in subfolders, exactly as tern reads a folder. Nil when the lane has only

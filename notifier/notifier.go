@@ -48,6 +48,9 @@ type Config struct {
 	// proves the connection); an error makes the listener reconnect. The app runtime uses it to
 	// see whether the lock of a lane it waits for has been released.
 	Check func(ctx context.Context, conn *pgx.Conn) error
+	// HandlerTimeout bounds each handler call, so that a read stuck on a dead connection (while
+	// polling, when no ping runs) is abandoned and the connection replaced. Default: 30s.
+	HandlerTimeout time.Duration
 	// PingTimeout bounds a ping and a connect attempt. Default: 5s.
 	PingTimeout time.Duration
 	// ReconnectMin and ReconnectMax bound the exponential backoff between reconnect attempts
@@ -74,6 +77,7 @@ func (c *Config) setDefaults() {
 	}
 	def(&c.PingInterval, 5*time.Second)
 	def(&c.PingTimeout, 5*time.Second)
+	def(&c.HandlerTimeout, 30*time.Second)
 	def(&c.ReconnectMin, 100*time.Millisecond)
 	def(&c.ReconnectMax, 5*time.Second)
 	def(&c.PollInterval, 5*time.Second)
@@ -302,7 +306,9 @@ func (l *Listener) tryListen(ctx context.Context, conn *pgx.Conn) (bool, error) 
 	channel := pgx.Identifier{l.cfg.Channel}.Sanitize()
 	_, err := conn.Exec(ctx, "listen "+channel)
 	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
+	if errors.As(err, &pgErr) && !conn.IsClosed() && (pgErr.Code == "25006" || pgErr.Code == "0A000") {
+		// 25006: a hot standby ("cannot execute LISTEN during recovery"); 0A000: a proxy or
+		// server that does not support it. Anything else is a connection problem: reconnect.
 		l.fallback(fmt.Sprintf("LISTEN refused: %s (SQLSTATE %s)", pgErr.Message, pgErr.Code))
 		return false, nil
 	}
@@ -435,6 +441,8 @@ func (l *Listener) poll(ctx context.Context, conn *pgx.Conn) error {
 
 func (l *Listener) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notification) error {
 	l.count(func(s *Stats) { s.Syncs++ })
+	ctx, cancel := context.WithTimeout(ctx, l.cfg.HandlerTimeout)
+	defer cancel()
 	if err := l.handler(ctx, conn, n); err != nil {
 		return fmt.Errorf("notifier: handler: %w", err)
 	}
