@@ -23,6 +23,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/app"
+	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgcluster"
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/migrator"
@@ -120,25 +121,8 @@ type replica struct {
 	name string
 	cmd  *exec.Cmd
 	addr string
-	log  *lockedBuffer
+	log  *logbuf.Buffer
 	done chan error
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 func freeAddr(t *testing.T) string {
@@ -155,7 +139,7 @@ func freeAddr(t *testing.T) string {
 // to the environment. It is killed at the end of the test; its log is printed if the test failed.
 func startReplica(t *testing.T, name, dbURL, migrations string, extraEnv ...string) *replica {
 	t.Helper()
-	r := &replica{name: name, addr: freeAddr(t), log: &lockedBuffer{}, done: make(chan error, 1)}
+	r := &replica{name: name, addr: freeAddr(t), log: &logbuf.Buffer{}, done: make(chan error, 1)}
 	r.cmd = exec.Command(lanesBinary(t), "serve", "--addr", r.addr)
 	r.cmd.Env = childEnv(append([]string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + migrations, "PGAPPNAME=lanes-" + name}, extraEnv...)...)
 	r.cmd.Stdout, r.cmd.Stderr = r.log, r.log
@@ -370,8 +354,8 @@ func execLanes(ctx context.Context, bin string, extraEnv []string, args ...strin
 // process is a lanes command running in the background, such as `lanes wait`.
 type process struct {
 	cmd    *exec.Cmd
-	stdout *lockedBuffer
-	stderr *lockedBuffer
+	stdout *logbuf.Buffer
+	stderr *logbuf.Buffer
 	done   chan struct{} // closed once the process has exited
 	at     time.Time     // when it exited; valid once done is closed
 }
@@ -380,7 +364,7 @@ type process struct {
 // the end of the test; its output is printed if the test failed.
 func startLanes(t *testing.T, extraEnv []string, args ...string) *process {
 	t.Helper()
-	p := &process{stdout: &lockedBuffer{}, stderr: &lockedBuffer{}, done: make(chan struct{})}
+	p := &process{stdout: &logbuf.Buffer{}, stderr: &logbuf.Buffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(lanesBinary(t), args...)
 	p.cmd.Env = childEnv(extraEnv...)
 	p.cmd.Stdout, p.cmd.Stderr = p.stdout, p.stderr

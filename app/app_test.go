@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"testing/fstest"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/multilanes/lanes/app"
 	"github.com/multilanes/lanes/internal/faultproxy"
+	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
@@ -520,7 +520,7 @@ func TestPermanentFailureWhilePollingIsNotRetriedInALoop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs lockedLog
+	var logs logbuf.Buffer
 	r, err := app.New(m, app.Config{Logger: zerolog.New(&logs), Notifier: notifier.Config{PollInterval: time.Minute, ProbeTimeout: 100 * time.Millisecond}})
 	if err != nil {
 		t.Fatal(err)
@@ -561,21 +561,4 @@ func TestCloseDuringStart(t *testing.T) {
 	if err := <-errc; err == nil || r.Ready() {
 		t.Fatalf("Start after Close = %v, ready %v; want an error and not ready", err, r.Ready())
 	}
-}
-
-type lockedLog struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

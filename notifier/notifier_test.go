@@ -1,7 +1,6 @@
 package notifier_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"strings"
@@ -14,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/internal/faultproxy"
+	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/notifier"
 )
@@ -46,24 +46,6 @@ func (s *state) get() (seen, calls, hints int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.seen, s.calls, s.hints
-}
-
-// syncBuffer is a log sink safe for concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 type env struct {
@@ -211,7 +193,7 @@ func TestDeafListenFallsBackToPollingAndLogsOnce(t *testing.T) {
 	s := &state{}
 	cc, proxy := e.proxied()
 	proxy.SetDeaf(true) // LISTEN is accepted, notifications never arrive: a pooler in transaction mode
-	var logs syncBuffer
+	var logs logbuf.Buffer
 	l := e.listener(cc, s, notifier.Config{PollInterval: 50 * time.Millisecond, RelistenInterval: 300 * time.Millisecond,
 		ProbeTimeout: 200 * time.Millisecond, ReconnectMin: 10 * time.Millisecond, ReconnectMax: 20 * time.Millisecond,
 		Logger: zerolog.New(&logs)})

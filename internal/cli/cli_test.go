@@ -1,46 +1,27 @@
 package cli
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/migrator"
 )
 
 func TestMain(m *testing.M) { pgtest.RunMain(m) }
 
-// safeBuffer is a bytes.Buffer that may be read while a running command writes to it.
-type safeBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *safeBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *safeBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // testEnv returns an environment whose variables are vars only, with captured output.
-func testEnv(vars map[string]string) (*env, *safeBuffer, *safeBuffer) {
-	stdout, stderr := &safeBuffer{}, &safeBuffer{}
+func testEnv(vars map[string]string) (*env, *logbuf.Buffer, *logbuf.Buffer) {
+	stdout, stderr := &logbuf.Buffer{}, &logbuf.Buffer{}
 	e := &env{
 		stdout: stdout,
 		stderr: stderr,

@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgcluster"
 	"github.com/multilanes/lanes/internal/pgtest"
 )
@@ -39,7 +40,7 @@ func parseLog(t *testing.T, out string) []logLine {
 }
 
 // shortDemo returns an environment for a demo of replicas replicas and a short slow lane.
-func shortDemo(vars map[string]string, replicas int) (*env, *safeBuffer, *safeBuffer) {
+func shortDemo(vars map[string]string, replicas int) (*env, *logbuf.Buffer, *logbuf.Buffer) {
 	e, stdout, stderr := testEnv(vars)
 	e.demo.loadDuration = 1500 * time.Millisecond
 	e.demo.replicas = replicas
