@@ -244,19 +244,19 @@ func (e *FailedError) Error() string {
 // the wait depends on has failed permanently (a *FailedError). It returns at once when the
 // version is already reached. It costs no query: it waits for the listener's updates.
 func (r *Runtime) WaitVersion(ctx context.Context, lane string, version int32) error {
+	info, ok := r.m.Lane(lane)
+	if !ok {
+		return fmt.Errorf("app: lane %q: %w", lane, migrator.ErrUnknownLane)
+	}
 	for {
 		r.mu.Lock()
-		s, ok := r.state[lane]
-		if !ok {
-			r.mu.Unlock()
-			return fmt.Errorf("app: lane %q: %w", lane, migrator.ErrUnknownLane)
-		}
+		s := r.state[lane]
 		st, changed := s.status, r.changed
 		r.mu.Unlock()
 		if st.Version >= version {
 			return nil
 		}
-		if f := migrator.BlockingFailure(r.laneInfo(lane), st, version); f != nil {
+		if f := migrator.BlockingFailure(info, st, version); f != nil {
 			return &FailedError{Lane: lane, Failure: *f, Err: st.Error}
 		}
 		select {
@@ -269,16 +269,8 @@ func (r *Runtime) WaitVersion(ctx context.Context, lane string, version int32) e
 
 // Wait blocks until the lane is done (WaitVersion with the lane's latest version).
 func (r *Runtime) Wait(ctx context.Context, lane string) error {
-	return r.WaitVersion(ctx, lane, r.laneInfo(lane).Latest)
-}
-
-func (r *Runtime) laneInfo(lane string) migrator.LaneInfo {
-	for _, l := range r.lanes {
-		if l.Name == lane {
-			return l
-		}
-	}
-	return migrator.LaneInfo{Name: lane}
+	info, _ := r.m.Lane(lane) // an unknown lane is reported by WaitVersion
+	return r.WaitVersion(ctx, lane, info.Latest)
 }
 
 // Status is the lanes read fresh from the database, plus what this replica knows.
@@ -354,12 +346,13 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 		}
 		via = "notification"
 		r.log.Debug().Str("lane", ev.Lane).Int32("version", ev.Version).Msg("notification received")
-		if _, known := r.state[ev.Lane]; known && ev.Released {
+		_, known := r.state[ev.Lane] // the map itself never changes after New
+		if known && ev.Released {
 			// The applying session stopped and released the lock: waiting replicas try it now.
 			// A spoofed hint costs only that try.
 			r.setLocked(ev.Lane, false, via)
 		}
-		if _, known := r.state[ev.Lane]; known && ev.Error == "" {
+		if known && ev.Error == "" {
 			// A migration committed: only that lane's version changed. Re-read just it (one
 			// short statement) rather than the full status, whose pg_locks scans cost
 			// O(max_connections) and run on every replica at the same moment.

@@ -168,19 +168,19 @@ type LaneInfo struct {
 func (m *Migrator) Lanes() []LaneInfo {
 	out := make([]LaneInfo, 0, len(m.lanes))
 	for _, l := range m.lanes {
-		out = append(out, LaneInfo{Name: l.Name, Mode: l.Mode, VersionTable: l.table.String(), Latest: l.latest(), Migrations: l.migrations})
+		info, _ := m.Lane(l.Name)
+		out = append(out, info)
 	}
 	return out
 }
 
 // Lane returns the named lane.
 func (m *Migrator) Lane(name string) (LaneInfo, bool) {
-	for _, l := range m.Lanes() {
-		if l.Name == name {
-			return l, true
-		}
+	l, ok := m.byName[name]
+	if !ok {
+		return LaneInfo{}, false
 	}
-	return LaneInfo{}, false
+	return LaneInfo{Name: l.Name, Mode: l.Mode, VersionTable: l.table.String(), Latest: l.latest(), Migrations: l.migrations}, true
 }
 
 // LockKey returns the key of the lane's session-level advisory lock, for operators who want to

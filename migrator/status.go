@@ -60,7 +60,7 @@ func (m *Migrator) Status(ctx context.Context, q Querier) ([]LaneStatus, error) 
 	return m.status.run(ctx, q)
 }
 
-// statusQuery builds the status queries once per set of existing tables.
+// statusQuery reads every lane's state: which tables exist, then one union query over them.
 type statusQuery struct {
 	m      *Migrator
 	tables []string // quoted version tables, then the history table

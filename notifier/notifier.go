@@ -9,7 +9,7 @@
 //
 // A Listener owns one goroutine and one connection. It pings the connection on a timer with a
 // deadline of its own, so a dead or half-open connection is replaced within PingInterval +
-// PingTimeout, and reconnects with capped exponential backoff and jitter. When LISTEN fails
+// PingTimeout while listening (within HandlerTimeout while polling), and reconnects with capped exponential backoff and jitter. When LISTEN fails
 // (a hot standby) or is proven deaf (a pooler in transaction mode, detected by a probe
 // notification sent to itself), it logs that once and polls with the handler every
 // PollInterval, trying LISTEN again every RelistenInterval.
