@@ -139,6 +139,9 @@ func runDemo(ctx context.Context, c *command) (err error) {
 	if err != nil {
 		return err
 	}
+	// The others can hear of the commit before the applier has logged its own "OK" line: let it
+	// finish (an in-process check of its view, no query), so the story reads in order.
+	waitApplierIdle(ctx, replicas)
 	committed, err := slowLaneCommitTime(ctx, dbCfg)
 	if err != nil {
 		return err
@@ -178,6 +181,23 @@ func runDemo(ctx context.Context, c *command) (err error) {
 	}
 	c.log.Info().Msg("app exited gracefully")
 	return nil
+}
+
+// waitApplierIdle waits, at most 5 s, until no replica is inside its slow-lane migration call.
+func waitApplierIdle(ctx context.Context, replicas []*app.Runtime) {
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		busy := false
+		for _, r := range replicas {
+			for _, k := range r.View().Lanes {
+				busy = busy || (k.Name == demoSlowLane && k.Role == "applying")
+			}
+		}
+		if !busy {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // waitForSlowLane logs that the app can work once every workInterval until every replica has
