@@ -83,11 +83,7 @@ func (e *env) commit(v int) {
 
 // proxied returns a connection config that goes through a fault proxy to the test server.
 func (e *env) proxied() (*pgx.ConnConfig, *faultproxy.Proxy) {
-	host, port := e.cc.Host, e.cc.Port
-	if strings.HasPrefix(host, "/") { // a Unix socket: the local server also listens on TCP
-		host = "127.0.0.1"
-	}
-	p, err := faultproxy.New(fmt.Sprintf("%s:%d", host, port))
+	p, err := faultproxy.New(pgtest.ProxyTarget(e.t, e.cc.ConnString()))
 	if err != nil {
 		e.t.Fatal(err)
 	}

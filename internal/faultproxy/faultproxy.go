@@ -11,6 +11,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,7 +32,8 @@ type Proxy struct {
 	closed bool
 }
 
-// New listens on 127.0.0.1 on a free port and forwards to target ("host:port").
+// New listens on 127.0.0.1 on a free port and forwards to target: "host:port", or the path of
+// a Unix socket (starting with "/", such as "/var/run/postgresql/.s.PGSQL.5432").
 func New(target string) (*Proxy, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -97,7 +99,11 @@ func (p *Proxy) accept() {
 		if err != nil {
 			return
 		}
-		server, err := net.Dial("tcp", p.target)
+		network := "tcp"
+		if strings.HasPrefix(p.target, "/") {
+			network = "unix"
+		}
+		server, err := net.Dial(network, p.target)
 		if err != nil {
 			client.Close()
 			continue

@@ -28,8 +28,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
+	"regexp"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -223,10 +227,18 @@ func adminExec(ctx context.Context, admin, sql string) error {
 	return err
 }
 
-// withDatabase returns the URL u pointing at database db.
+// withDatabase returns the connection string u pointing at database db: a postgres:// URL, or
+// a keyword/value string ("host=/var/run/postgresql user=postgres"), to which a later dbname
+// setting is added (the last one wins).
 func withDatabase(u, db string) (string, error) {
+	if !strings.HasPrefix(u, "postgres://") && !strings.HasPrefix(u, "postgresql://") {
+		if _, err := pgx.ParseConfig(u); err != nil {
+			return "", fmt.Errorf("admin connection string %q: %w", redact(u), err)
+		}
+		return u + " dbname=" + db, nil // db is lanes_[tx]_<hex>: no quoting needed
+	}
 	parsed, err := url.Parse(u)
-	if err != nil || (parsed.Scheme != "postgres" && parsed.Scheme != "postgresql") {
+	if err != nil {
 		return "", fmt.Errorf("admin URL %q is not a postgres:// URL", redact(u))
 	}
 	parsed.Path, parsed.RawPath = "/"+db, ""
@@ -238,13 +250,51 @@ func withDatabase(u, db string) (string, error) {
 	return parsed.String(), nil
 }
 
-// redact hides the password in a URL for logging.
+// ProxyTarget returns what a TCP proxy in front of the server of connString dials: "host:port",
+// or the path of the server's Unix socket when connString names a socket directory.
+func ProxyTarget(t testing.TB, connString string) string {
+	t.Helper()
+	cc, err := pgx.ParseConfig(connString)
+	if err != nil {
+		t.Fatalf("pgtest: %v", err)
+	}
+	if strings.HasPrefix(cc.Host, "/") {
+		return fmt.Sprintf("%s/.s.PGSQL.%d", cc.Host, cc.Port)
+	}
+	return net.JoinHostPort(cc.Host, strconv.Itoa(int(cc.Port)))
+}
+
+// ThroughProxy returns a postgres:// URL for the same database, user and password as
+// connString, reaching the server through a TCP proxy listening on addr (with sslmode=disable,
+// so the proxy can read the protocol).
+func ThroughProxy(t testing.TB, connString string, addr net.Addr) string {
+	t.Helper()
+	cc, err := pgx.ParseConfig(connString)
+	if err != nil {
+		t.Fatalf("pgtest: %v", err)
+	}
+	u := url.URL{Scheme: "postgres", Host: addr.String(), Path: "/" + cc.Database, RawQuery: "sslmode=disable"}
+	if cc.Password != "" {
+		u.User = url.UserPassword(cc.User, cc.Password)
+	} else {
+		u.User = url.User(cc.User)
+	}
+	return u.String()
+}
+
+// redact hides the password in a connection string for logging.
 func redact(u string) string {
+	if !strings.HasPrefix(u, "postgres://") && !strings.HasPrefix(u, "postgresql://") {
+		return passwordSetting.ReplaceAllString(u, "password=xxxxx")
+	}
 	if parsed, err := url.Parse(u); err == nil {
 		return parsed.Redacted()
 	}
 	return "(unparsable URL)"
 }
+
+// passwordSetting matches the password of a keyword/value connection string.
+var passwordSetting = regexp.MustCompile(`password\s*=\s*('(\\.|[^'])*'|\S+)`)
 
 // choose picks the server once per process; see the package documentation for the order.
 func choose() {
