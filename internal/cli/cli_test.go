@@ -96,7 +96,7 @@ func statusOf(t *testing.T, vars map[string]string) []migrator.LaneStatus {
 
 func TestHelp(t *testing.T) {
 	t.Parallel()
-	for _, args := range [][]string{{"--help"}, {"-h"}, {"help"}, {"migrate", "--help"}, {"wait", "-h"}} {
+	for _, args := range [][]string{{"--help"}, {"-h"}, {"help"}} {
 		res := runCLI(t, nil, args...)
 		if res.code != ExitOK {
 			t.Errorf("%q: %v", args, res)
@@ -104,11 +104,51 @@ func TestHelp(t *testing.T) {
 		for _, want := range []string{"migrate", "status", "wait", "new", "serve", "demo",
 			"DATABASE_URL", "LANES_MIGRATIONS", "LANES_LOG_FORMAT", "LANES_LANES", "LANES_CHANNEL", "LANES_ADDR",
 			"LANES_TAKEOVER_INTERVAL", "LANES_PING_INTERVAL", "LANES_POLL_INTERVAL", "LANES_RELISTEN_INTERVAL",
-			"Exit codes", "3  wait: --timeout expired"} {
+			"name:mode[:version_table]", "Exit codes", "3  wait: --timeout expired"} {
 			if !strings.Contains(res.stdout, want) {
 				t.Errorf("%q: usage does not mention %q", args, want)
 			}
 		}
+	}
+	// Each command's help is its own: its synopsis and its flags, generated from its flag set,
+	// and none of the other commands' flags.
+	for _, tc := range []struct {
+		args    []string
+		want    []string
+		notWant []string
+	}{
+		{[]string{"migrate", "--help"}, []string{"Usage: lanes migrate", "--lane LANE", "--allow-drift"}, []string{"--timeout", "--addr", "--json"}},
+		{[]string{"wait", "-h"}, []string{"Usage: lanes wait", "--lane LANE", "--timeout DURATION", "--version VERSION"}, []string{"--allow-drift", "--addr"}},
+		{[]string{"help", "status"}, []string{"Usage: lanes status", "--json"}, []string{"--lane LANE", "--addr"}},
+		{[]string{"serve", "--help"}, []string{"Usage: lanes serve", "--addr ADDRESS", "LANES_ADDR", "/readyz"}, []string{"--lane LANE", "--json"}},
+		{[]string{"new", "--help"}, []string{"Usage: lanes new --lane NAME TITLE", "--lane LANE"}, []string{"--json"}},
+	} {
+		res := runCLI(t, nil, tc.args...)
+		if res.code != ExitOK {
+			t.Errorf("%q: %v", tc.args, res)
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(res.stdout, w) {
+				t.Errorf("%q: help does not mention %q:\n%s", tc.args, w, res.stdout)
+			}
+		}
+		for _, w := range tc.notWant {
+			if strings.Contains(res.stdout, w) {
+				t.Errorf("%q: help mentions %q, another command's flag:\n%s", tc.args, w, res.stdout)
+			}
+		}
+	}
+	res := runCLI(t, nil, "--version")
+	if res.code != ExitOK || !strings.HasPrefix(res.stdout, "lanes ") || !strings.Contains(res.stdout, "go1.") {
+		t.Errorf("--version: %v", res)
+	}
+}
+
+func TestBadDurationNamesTheFlagAndAnExample(t *testing.T) {
+	t.Parallel()
+	res := runCLI(t, map[string]string{"DATABASE_URL": "postgres://nobody@127.0.0.1:1/none"}, "wait", "--lane", "fast", "--timeout", "5")
+	if res.code != ExitUsage || !strings.Contains(res.stderr, "-timeout") || !strings.Contains(res.stderr, "use a unit, such as 5s") {
+		t.Errorf("wait --timeout 5: %v", res)
 	}
 }
 
@@ -137,7 +177,7 @@ func TestUsageErrors(t *testing.T) {
 		if res.code != ExitUsage {
 			t.Errorf("%q: want exit %d, got %v", args, ExitUsage, res)
 		}
-		if !strings.Contains(res.stderr, "lanes --help") {
+		if !strings.Contains(res.stderr, "--help' for usage") {
 			t.Errorf("%q: stderr does not point to --help: %q", args, res.stderr)
 		}
 	}

@@ -19,7 +19,7 @@ import (
 const shutdownTimeout = 10 * time.Second
 
 func serveFlags(fs *flag.FlagSet) commandBody {
-	addr := fs.String("addr", "", "")
+	addr := fs.String("addr", "", "listen `address` (env LANES_ADDR; default :8080)")
 	return func(ctx context.Context, c *command, args []string) error {
 		if len(args) > 0 {
 			return usageErrorf("unexpected arguments %q", args)

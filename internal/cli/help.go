@@ -1,0 +1,188 @@
+package cli
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"runtime/debug"
+	"strings"
+	"text/tabwriter"
+)
+
+// commandSpec describes one command: how it is invoked, what it does, and the function that
+// defines its flags (with their usage strings, from which help is generated) and returns its
+// body.
+type commandSpec struct {
+	name     string
+	synopsis string // the arguments after the command's name
+	summary  string // one line for the command list
+	details  string // paragraphs for the command's own --help; may be empty
+	define   func(fs *flag.FlagSet) commandBody
+}
+
+// commandList is every command, in the order help lists them.
+var commandList = []commandSpec{
+	{name: "migrate", synopsis: "[--lane NAME]... [--allow-drift]",
+		summary: "apply the pending migrations of every lane (or of the named lanes), in lane order, in the foreground",
+		details: "Each lane is applied under its own lock, one transaction per migration; blocking\nand background lanes alike. Exits 1 when a migration fails (it is recorded in the\nhistory table and nothing of it stays applied).",
+		define:  migrateFlags},
+	{name: "status", synopsis: "[--json]",
+		summary: "print each lane's version, latest version, state, lock, last error and drift",
+		details: "Exits 0 even when lanes are pending or failed. --json prints {\"lanes\":[...]}.",
+		define:  statusFlags},
+	{name: "wait", synopsis: "--lane NAME [--version N] [--timeout D]",
+		summary: "block, listening on the NOTIFY channel, until a lane reaches a version; applies nothing",
+		details: "Exits 0 when the lane has the version, 1 on a recorded permanent failure of a\nmigration the wait depends on, 3 when --timeout expires.",
+		define:  waitFlags},
+	{name: "new", synopsis: "--lane NAME TITLE",
+		summary: "create the lane's next numbered file NNN_title.sql (needs --migrations) and print its path",
+		define:  newFlags},
+	{name: "serve", synopsis: "[--addr ADDR]",
+		summary: "run one app replica with its HTTP endpoints until SIGINT/SIGTERM",
+		details: "HTTP first (GET /healthz; GET /readyz: 503 until the blocking lanes are applied,\nthen 200; GET /lanes: the status JSON), then the blocking lanes, then the\nbackground lanes on whichever replica wins each lane's lock.",
+		define:  serveFlags},
+	{name: "demo", synopsis: "",
+		summary: "play the demo: three replicas, a fast lane and a slow lane whose completion reaches every replica",
+		details: "Always the embedded demo migrations, in a database it creates and drops (on\nDATABASE_URL's server, else the local server, else a throwaway cluster it starts\nand stops).",
+		define:  demoFlags},
+}
+
+// lookupCommand returns the named command.
+func lookupCommand(name string) (commandSpec, bool) {
+	for _, c := range commandList {
+		if c.name == name {
+			return c, true
+		}
+	}
+	return commandSpec{}, false
+}
+
+const helpIntro = `lanes applies PostgreSQL migrations in lanes: blocking lanes are applied before a replica
+is ready, background lanes after it, by one replica, and every replica learns of a lane's
+completion through LISTEN/NOTIFY.
+
+Usage:
+  lanes [global flags] COMMAND [command flags]
+  lanes COMMAND --help       the command's own flags
+  lanes --version            the version of this binary
+`
+
+const helpTuning = `Tuning for serve and wait (environment variables only; unset or 0: the default; values are Go
+durations such as 500ms, 2s or 1m):
+  LANES_PING_INTERVAL      how often the LISTEN connection is checked (a ping, or for a replica
+                           waiting for another's background lane, a test of that lane's lock):
+                           a dead or half-open connection is replaced, and a lane whose applier
+                           died is taken over (default 5s)
+  LANES_TAKEOVER_INTERVAL  serve: the longest a replica waiting for another's background lane
+                           goes without trying the lane's lock itself, a backstop to the check
+                           above (default 1m, +-20 %)
+  LANES_POLL_INTERVAL      how often the lanes are re-read while LISTEN is unavailable (a hot
+                           standby, a pooler in transaction mode) (default 5s)
+  LANES_RELISTEN_INTERVAL  how often LISTEN is tried again while polling (default 1m)
+  LANES_ADDR               serve: the listen address when --addr is not given (default :8080)
+`
+
+const helpExitCodes = `Exit codes:
+  0  success (wait: the lane reached the version; serve: stopped by SIGINT or SIGTERM)
+  1  error: bad configuration, database unreachable, a failed migration, or (wait) a recorded
+     permanent failure of a migration the wait depends on
+  2  usage error: unknown command or flag, missing argument, unknown lane
+  3  wait: --timeout expired before the lane reached the version
+`
+
+// writeUsage prints the top-level help: the commands, the global flags (from their flag set),
+// the tuning variables and the exit codes.
+func writeUsage(w io.Writer) {
+	fmt.Fprint(w, helpIntro)
+	fmt.Fprintln(w, "\nCommands:")
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, c := range commandList {
+		fmt.Fprintf(tw, "  %s\t%s\n", c.name, c.summary)
+	}
+	_ = tw.Flush()
+	fmt.Fprintln(w, "\nGlobal flags (each also read from an environment variable; the flag wins; they may also\nfollow the command):")
+	var g globals
+	fs := flag.NewFlagSet("lanes", flag.ContinueOnError)
+	g.register(fs)
+	writeFlags(w, fs)
+	fmt.Fprintln(w)
+	fmt.Fprint(w, helpTuning)
+	fmt.Fprintln(w, "\nResults go to stdout; logs and errors to stderr. Passwords are never printed: a server is\nshown as host, port, user and database.")
+	fmt.Fprintln(w)
+	fmt.Fprint(w, helpExitCodes)
+}
+
+// writeCommandUsage prints one command's help: its synopsis, what it does and its own flags,
+// generated from the flag set the command defines.
+func writeCommandUsage(w io.Writer, c commandSpec) {
+	fmt.Fprintf(w, "Usage: lanes %s %s\n\n%s.\n", c.name, c.synopsis, upperFirst(c.summary))
+	if c.details != "" {
+		fmt.Fprintf(w, "\n%s\n", c.details)
+	}
+	fs := flag.NewFlagSet(c.name, flag.ContinueOnError)
+	c.define(fs)
+	if hasFlags(fs) {
+		fmt.Fprintln(w, "\nFlags:")
+		writeFlags(w, fs)
+	}
+	fmt.Fprintln(w, "\nGlobal flags (--database-url, --migrations, --lanes, --channel, --log-format) and the\nexit codes: lanes --help.")
+}
+
+func hasFlags(fs *flag.FlagSet) bool {
+	n := 0
+	fs.VisitAll(func(*flag.Flag) { n++ })
+	return n > 0
+}
+
+// writeFlags prints every flag of fs with its usage string. A usage string may name the flag's
+// value in back quotes, as flag.UnquoteUsage reads it.
+func writeFlags(w io.Writer, fs *flag.FlagSet) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fs.VisitAll(func(f *flag.Flag) {
+		value, usage := flag.UnquoteUsage(f)
+		if value != "" {
+			value = " " + strings.ToUpper(value)
+		}
+		lines := strings.Split(usage, "\n")
+		fmt.Fprintf(tw, "  --%s%s\t%s\n", f.Name, value, lines[0])
+		for _, l := range lines[1:] {
+			fmt.Fprintf(tw, "  \t%s\n", l)
+		}
+	})
+	_ = tw.Flush()
+}
+
+func upperFirst(s string) string {
+	if s == "" {
+		return s
+	}
+	return strings.ToUpper(s[:1]) + s[1:]
+}
+
+// version returns the module version and VCS revision of this binary from its build info:
+// "v1.2.3", or "(devel) commit abc1234 (modified)" for a binary built from a checkout.
+func version() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "unknown (no build information)"
+	}
+	v := bi.Main.Version
+	if v == "" {
+		v = "(devel)"
+	}
+	var rev, modified string
+	for _, s := range bi.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			if s.Value == "true" {
+				modified = " (modified)"
+			}
+		}
+	}
+	if rev != "" && !strings.Contains(v, rev[:min(12, len(rev))]) {
+		v += " commit " + rev[:min(12, len(rev))] + modified
+	}
+	return v + " " + bi.GoVersion
+}

@@ -1,0 +1,55 @@
+package cli
+
+import (
+	"context"
+	"flag"
+	"slices"
+	"strings"
+)
+
+func migrateFlags(fs *flag.FlagSet) commandBody {
+	var lanes lanesFlag
+	fs.Var(&lanes, "lane", "apply only this `lane` (repeatable); the lanes still run in lane order")
+	allowDrift := fs.Bool("allow-drift", false, "apply pending migrations although applied files changed since they were\napplied (by default migrate refuses and names the files)")
+	return func(ctx context.Context, c *command, args []string) error {
+		if len(args) > 0 {
+			return usageErrorf("unexpected arguments %q", args)
+		}
+		c.allowDrift = *allowDrift
+		return runMigrate(ctx, c, lanes)
+	}
+}
+
+// runMigrate applies the pending migrations of the named lanes (all when none) in lane order.
+func runMigrate(ctx context.Context, c *command, only []string) error {
+	m, err := c.migrator()
+	if err != nil {
+		return err
+	}
+	var names []string
+	for _, l := range m.Lanes() {
+		names = append(names, l.Name)
+	}
+	for _, n := range only {
+		if !slices.Contains(names, n) {
+			return usageErrorf("unknown lane %q (lanes: %s)", n, strings.Join(names, ", "))
+		}
+	}
+	c.log.Info().Str("target", target(m.ConnConfig())).Msg("applying db migrations")
+	for _, name := range names {
+		if len(only) > 0 && !slices.Contains(only, name) {
+			continue
+		}
+		res, err := m.Migrate(ctx, name)
+		if err != nil {
+			return err
+		}
+		ev := c.log.Info().Str("lane", name).Int32("from", res.From).Int32("version", res.To).Int32("latest", res.Latest).Int("applied", res.Applied)
+		if res.Applied == 0 {
+			ev.Msg("lane already up to date")
+		} else {
+			ev.Msg("lane migrated")
+		}
+	}
+	return nil
+}

@@ -1,0 +1,73 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/multilanes/lanes/migrator"
+)
+
+func statusFlags(fs *flag.FlagSet) commandBody {
+	asJSON := fs.Bool("json", false, "print JSON ({\"lanes\":[...]}) instead of a table")
+	return func(ctx context.Context, c *command, args []string) error {
+		if len(args) > 0 {
+			return usageErrorf("unexpected arguments %q", args)
+		}
+		return runStatus(ctx, c, *asJSON)
+	}
+}
+
+// statusJSON is what status --json prints.
+type statusJSON struct {
+	Lanes []migrator.LaneStatus `json:"lanes"`
+}
+
+func runStatus(ctx context.Context, c *command, asJSON bool) error {
+	m, err := c.migrator()
+	if err != nil {
+		return err
+	}
+	conn, err := connect(ctx, m)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	lanes, err := m.Status(ctx, conn)
+	if err != nil {
+		return err
+	}
+	if err := m.AddDrift(ctx, conn, lanes); err != nil {
+		return err
+	}
+	if asJSON {
+		enc := json.NewEncoder(c.env.stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(statusJSON{Lanes: lanes}); err != nil {
+			return fmt.Errorf("write status: %w", err)
+		}
+		return nil
+	}
+	tw := tabwriter.NewWriter(c.env.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LANE\tMODE\tVERSION\tLATEST\tSTATE\tLOCKED\tVERSION TABLE\tERROR")
+	for _, l := range lanes {
+		locked := "no"
+		if l.Locked {
+			locked = "yes"
+		}
+		problem := oneLine(l.Error)
+		if len(l.Drift) > 0 {
+			problem = strings.TrimSpace("changed since applied: " + strings.Join(l.Drift, ", ") + "; " + problem)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n", l.Name, l.Mode, l.Version, l.Latest, l.State, locked, l.VersionTable, problem)
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
+}
+
+func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
