@@ -355,7 +355,7 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 		}
 		res.Applied++
 		m.cfg.Logger.Info().Str("lane", name).Int32("version", mig.Version).Str("file", mig.Name).
-			Dur("duration", m.cfg.Now().Sub(start)).Msgf("OK   %s (%s)", mig.Name, m.cfg.Now().Sub(start).Round(10*time.Microsecond))
+			Float64("duration_s", m.cfg.Now().Sub(start).Seconds()).Msgf("OK   %s (%s)", mig.Name, m.cfg.Now().Sub(start).Round(10*time.Microsecond))
 	}
 	return done(v)
 }

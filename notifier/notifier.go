@@ -367,7 +367,7 @@ func (l *Listener) probe(ctx context.Context, conn *pgx.Conn) (bool, error) {
 
 func (l *Listener) fallback(why string) {
 	if !l.wasPolling {
-		l.log.Warn().Str("channel", l.cfg.Channel).Dur("poll_interval", l.cfg.PollInterval).
+		l.log.Warn().Str("channel", l.cfg.Channel).Float64("poll_interval_s", l.cfg.PollInterval.Seconds()).
 			Msgf("%s; polling instead until LISTEN works", why)
 	}
 	l.wasPolling = true

@@ -8,6 +8,7 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -101,12 +102,54 @@ const logTimeFormat = "2006-01-02T15:04:05.000Z07:00"
 func newLogger(format string, w io.Writer, terminal bool, now func() time.Time) zerolog.Logger {
 	w = zerolog.SyncWriter(w)
 	if format == "console" {
-		w = zerolog.ConsoleWriter{Out: w, TimeFormat: "15:04:05.000", NoColor: !terminal}
+		w = zerolog.ConsoleWriter{Out: w, TimeFormat: "15:04:05.000", NoColor: !terminal, FormatPrepare: durationsWithUnits}
 	}
 	stamp := zerolog.HookFunc(func(e *zerolog.Event, _ zerolog.Level, _ string) {
 		e.Str(zerolog.TimestampFieldName, now().UTC().Format(logTimeFormat))
 	})
 	return zerolog.New(w).Level(zerolog.InfoLevel).Hook(stamp)
+}
+
+// durationsWithUnits rewrites, for the console, the fields that JSON logs carry as seconds
+// (named with the suffix "_s", such as "duration_s": 0.0123) as durations with their unit
+// ("duration=12.3ms").
+func durationsWithUnits(fields map[string]any) error {
+	for k, v := range fields {
+		name, ok := strings.CutSuffix(k, "_s")
+		if !ok || name == "" {
+			continue
+		}
+		var secs float64
+		switch n := v.(type) {
+		case json.Number:
+			f, err := n.Float64()
+			if err != nil {
+				continue
+			}
+			secs = f
+		case float64:
+			secs = n
+		default:
+			continue
+		}
+		delete(fields, k)
+		fields[name] = roundDuration(time.Duration(secs * float64(time.Second))).String()
+	}
+	return nil
+}
+
+// roundDuration keeps three significant digits or so: 12.345678ms is shown as 12.35ms.
+func roundDuration(d time.Duration) time.Duration {
+	switch {
+	case d >= time.Minute:
+		return d.Round(time.Second)
+	case d >= time.Second:
+		return d.Round(time.Millisecond)
+	case d >= time.Millisecond:
+		return d.Round(10 * time.Microsecond)
+	default:
+		return d.Round(time.Microsecond / 10)
+	}
 }
 
 // command is one command being run: its environment, settings and logger.

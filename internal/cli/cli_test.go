@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -568,5 +569,54 @@ func TestMigrateRefusesDriftUnlessAllowed(t *testing.T) {
 	}
 	if res := runCLI(t, vars, "migrate", "--allow-drift"); res.code != ExitOK || !strings.Contains(res.stderr, "OK   002_c.sql") {
 		t.Errorf("migrate --allow-drift: %v", res)
+	}
+}
+
+// Durations are seconds in JSON ("duration_s") and carry their unit on the console.
+func TestLogDurationsHaveUnits(t *testing.T) {
+	t.Parallel()
+	files := map[string]string{"fast/001_create.sql": "create table things (id int primary key);"}
+	vars := dbVars(t, files)
+	res := runCLI(t, vars, "migrate")
+	if res.code != ExitOK {
+		t.Fatalf("migrate: %v", res)
+	}
+	var ok map[string]any
+	for _, line := range strings.Split(strings.TrimSpace(res.stderr), "\n") {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			t.Fatalf("a JSON log line is not JSON: %q", line)
+		}
+		if m["file"] == "001_create.sql" {
+			ok = m
+		}
+	}
+	if secs, isNum := ok["duration_s"].(float64); !isNum || secs <= 0 || secs > 60 || ok["duration"] != nil {
+		t.Errorf("the OK line in JSON: want duration_s in seconds, got %v", ok)
+	}
+
+	vars = dbVars(t, files)
+	vars["LANES_LOG_FORMAT"] = "console"
+	res = runCLI(t, vars, "migrate")
+	if res.code != ExitOK {
+		t.Fatalf("migrate: %v", res)
+	}
+	if !regexp.MustCompile(`OK   001_create\.sql .*duration=[0-9.]+(µs|ms|s)\b`).MatchString(res.stderr) {
+		t.Errorf("the OK line on the console: want duration=<number><unit>:\n%s", res.stderr)
+	}
+	if strings.Contains(res.stderr, "duration_s") {
+		t.Errorf("the console shows a raw seconds field:\n%s", res.stderr)
+	}
+}
+
+func TestDurationsWithUnits(t *testing.T) {
+	for in, want := range map[float64]string{0.0123456: "12.35ms", 2.5: "2.5s", 0.000042: "42µs", 125.4: "2m5s"} {
+		f := map[string]any{"took_s": json.Number(strconv.FormatFloat(in, 'f', -1, 64)), "count_s": "x"}
+		if err := durationsWithUnits(f); err != nil {
+			t.Fatal(err)
+		}
+		if f["took"] != want || f["count_s"] != "x" {
+			t.Errorf("%v seconds: got %v, want took=%s", in, f, want)
+		}
 	}
 }

@@ -131,7 +131,7 @@ func runDemo(ctx context.Context, c *command) (err error) {
 			}
 			return fmt.Errorf("replica r%d: %w", i, err)
 		}
-		log.Info().Dur("ready_in", c.env.now().Sub(start)).Bool("slow_lane_done", r.IsDone(demoSlowLane)).
+		log.Info().Float64("ready_in_s", c.env.now().Sub(start).Seconds()).Bool("slow_lane_done", r.IsDone(demoSlowLane)).
 			Msg("replica ready: the fast lane is applied, the app may serve")
 	}
 
@@ -155,7 +155,7 @@ func runDemo(ctx context.Context, c *command) (err error) {
 			}
 		}
 		ev := c.log.Info().Str("replica", fmt.Sprintf("r%d", i+1)).Str("lane", demoSlowLane).Str("via", via).
-			Dur("after_commit", learnedAt[i].Sub(committed)).Int("notifications_received", view.Notifications)
+			Float64("after_commit_s", learnedAt[i].Sub(committed).Seconds()).Int("notifications_received", view.Notifications)
 		switch {
 		case applier.Load() == int32(i+1):
 			ev.Msg("this replica applied the slow lane itself")

@@ -112,7 +112,7 @@ func runWait(ctx context.Context, c *command, lane string, version int, timeout 
 			last = st
 			if st.Version >= want {
 				c.log.Info().Str("lane", lane).Int32("version", st.Version).Int32("wanted", want).
-					Dur("waited", c.env.now().Sub(start)).Msg("lane reached the version")
+					Float64("waited_s", c.env.now().Sub(start).Seconds()).Msg("lane reached the version")
 				return nil
 			}
 			if f := migrator.BlockingFailure(info, st, want); f != nil {
