@@ -40,7 +40,7 @@ type gate struct {
 
 func newGate() *gate { return &gate{started: make(chan struct{}, 100), release: make(chan struct{})} }
 
-func (g *gate) up(ctx context.Context, conn *pgx.Conn) error {
+func (g *gate) up(ctx context.Context, conn pgx.Tx) error {
 	g.runs.Add(1)
 	g.started <- struct{}{}
 	select {
@@ -238,8 +238,8 @@ func TestWaitVersionOpensAFeatureBeforeTheLaneEnds(t *testing.T) {
 	e := newEnv(t)
 	block := make(chan struct{})
 	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{
-		{Version: 1, Name: "one", Up: func(ctx context.Context, c *pgx.Conn) error { return nil }},
-		{Version: 2, Name: "two", Up: func(ctx context.Context, c *pgx.Conn) error {
+		{Version: 1, Name: "one", Up: func(ctx context.Context, c pgx.Tx) error { return nil }},
+		{Version: 2, Name: "two", Up: func(ctx context.Context, c pgx.Tx) error {
 			select {
 			case <-block:
 				return nil
@@ -555,7 +555,7 @@ func TestCloseDuringStart(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	started := make(chan struct{})
-	slowFast := migrator.Lane{Name: "fast", Funcs: []migrator.GoMigration{{Version: 1, Name: "slow_start", Up: func(ctx context.Context, c *pgx.Conn) error {
+	slowFast := migrator.Lane{Name: "fast", Funcs: []migrator.GoMigration{{Version: 1, Name: "slow_start", Up: func(ctx context.Context, c pgx.Tx) error {
 		close(started)
 		time.Sleep(500 * time.Millisecond)
 		return nil

@@ -24,7 +24,7 @@ import (
 
 // signalLanes has a one-file fast lane and a slow lane whose only migration is the Go
 // function up.
-func signalLanes(up func(ctx context.Context, conn *pgx.Conn) error) []migrator.Lane {
+func signalLanes(up migrator.TxFunc) []migrator.Lane {
 	return []migrator.Lane{
 		{Name: "fast", Mode: migrator.Blocking, FS: fstest.MapFS{"001_create_example.sql": mapFile("create table example (id int primary key);")}},
 		{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{{Version: 1, Name: "load_example", Up: up}}},
@@ -33,7 +33,7 @@ func signalLanes(up func(ctx context.Context, conn *pgx.Conn) error) []migrator.
 
 // waitForever is the slow migration of the waiting replicas: they must never run it (the driver
 // holds the lane), and if one ever did it would wait until closed.
-func waitForever(ctx context.Context, _ *pgx.Conn) error {
+func waitForever(ctx context.Context, _ pgx.Tx) error {
 	<-ctx.Done()
 	return ctx.Err()
 }
@@ -81,7 +81,7 @@ func startDriver(ctx context.Context, cc *pgx.ConnConfig) (*driver, error) {
 	}
 }
 
-func (d *driver) gate(ctx context.Context, _ *pgx.Conn) error {
+func (d *driver) gate(ctx context.Context, _ pgx.Tx) error {
 	close(d.entered)
 	select {
 	case <-d.release:

@@ -190,7 +190,7 @@ func BenchmarkReread(b *testing.B) {
 	for _, srv := range servers {
 		dbURL := srv.url()
 		cc := connConfig(b, dbURL)
-		m, err := migrator.New(cc, signalLanes(func(context.Context, *pgx.Conn) error { return nil }), migrator.Config{})
+		m, err := migrator.New(cc, signalLanes(func(context.Context, pgx.Tx) error { return nil }), migrator.Config{})
 		if err != nil {
 			b.Fatal(err)
 		}

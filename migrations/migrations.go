@@ -36,12 +36,12 @@ func Lanes(loadDuration time.Duration) []migrator.Lane {
 
 // LoadExample returns the Go migration that loads 50 batches of 1,000 rows into example,
 // spread over d, honouring ctx between batches.
-func LoadExample(d time.Duration) func(ctx context.Context, conn *pgx.Conn) error {
+func LoadExample(d time.Duration) migrator.TxFunc {
 	const batches = 50
-	return func(ctx context.Context, conn *pgx.Conn) error {
+	return func(ctx context.Context, tx pgx.Tx) error {
 		pause := d / batches
 		for b := 0; b < batches; b++ {
-			if _, err := conn.Exec(ctx, `insert into example (name, loaded)
+			if _, err := tx.Exec(ctx, `insert into example (name, loaded)
 select 'loaded-' || ($1::int * 1000 + g), true from generate_series(1, 1000) g`, b); err != nil {
 				return fmt.Errorf("load batch %d: %w", b, err)
 			}

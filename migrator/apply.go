@@ -57,13 +57,24 @@ func (e Event) payload() string {
 // when due, the notification, all in one transaction unless the migration is disable-tx.
 func (m *Migrator) apply(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration, start time.Time) error {
 	if mig.DisableTx {
-		if err := m.execute(ctx, conn, mig); err != nil {
+		if err := m.execute(ctx, conn, nil, mig); err != nil {
+			return err
+		}
+		if err := m.stillInTx(conn, mig, 'I'); err != nil {
+			// Roll back what the migration left open, so that nothing of it is committed later
+			// on this connection.
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			_, _ = conn.Exec(rctx, "rollback")
 			return err
 		}
 		return m.inTx(ctx, conn, mig, func(tx pgx.Tx) error { return m.record(ctx, tx, l, mig, start) })
 	}
 	err := m.inTx(ctx, conn, mig, func(tx pgx.Tx) error {
-		if err := m.execute(ctx, conn, mig); err != nil {
+		if err := m.execute(ctx, conn, tx, mig); err != nil {
+			return err
+		}
+		if err := m.stillInTx(conn, mig, 'T'); err != nil {
 			return err
 		}
 		return m.record(ctx, tx, l, mig, start)
@@ -74,6 +85,36 @@ func (m *Migrator) apply(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig
 		m.locate(ctx, conn, mig, me)
 	}
 	return err
+}
+
+// ErrTxEnded is wrapped by the *MigrationError of a migration that ended the transaction the
+// Migrator runs it in (a COMMIT or ROLLBACK in a file, a Go migration committing through
+// tx.Conn()), or that left a transaction open when it should run outside one. The version is not
+// recorded; whatever the migration committed stays.
+var ErrTxEnded = errors.New("the migration changed the transaction state the Migrator runs it in")
+
+// stillInTx checks, before the version is recorded, that the connection's transaction status is
+// the one the Migrator left it in: 'T' (inside the migration's transaction) for a transactional
+// migration, 'I' (idle, no transaction) for a disable-tx one. A migration that committed the
+// Migrator's transaction would otherwise have its version written in autocommit, and a crash in
+// between would leave its effect without its version.
+func (m *Migrator) stillInTx(conn *pgx.Conn, mig *Migration, want byte) error {
+	got := conn.PgConn().TxStatus()
+	if got == want {
+		return nil
+	}
+	var why string
+	switch {
+	case want == 'T' && got == 'I':
+		why = "it ended the migration's transaction (a COMMIT, END or ROLLBACK inside it, or a Go migration ending it through tx.Conn()): what it did before that may be committed, but its version is not recorded; a transactional migration must not end its transaction (use a disable-tx file or GoMigration.UpNoTx for work that needs its own transactions)"
+	case want == 'T' && got == 'E':
+		return nil // a failed transaction: recording fails and the whole transaction rolls back
+	case want == 'I':
+		why = "it left a transaction open although it runs outside one: its version is not recorded; commit or roll back what it begins"
+	default:
+		why = fmt.Sprintf("unexpected transaction status %q", got)
+	}
+	return m.wrap(mig, statement{}, fmt.Errorf("%w: %s", ErrTxEnded, why))
 }
 
 // locate finds the statement of a failed transactional migration whose error carries no
@@ -127,10 +168,17 @@ func (m *Migrator) inTx(ctx context.Context, conn *pgx.Conn, mig *Migration, f f
 
 // execute runs a migration: a transactional file as one simple-protocol query, exactly as tern
 // does (so SQL that a statement splitter could misread, such as BEGIN ATOMIC bodies, runs as
-// written); a disable-tx file statement by statement; a Go migration's function.
-func (m *Migrator) execute(ctx context.Context, conn *pgx.Conn, mig *Migration) error {
-	if mig.Func != nil {
-		if err := mig.Func(ctx, conn); err != nil {
+// written); a disable-tx file statement by statement; a Go migration's function, given tx (the
+// migration's transaction) or, registered with UpNoTx, the connection outside any transaction.
+func (m *Migrator) execute(ctx context.Context, conn *pgx.Conn, tx pgx.Tx, mig *Migration) error {
+	switch {
+	case mig.Func != nil:
+		if err := mig.Func(ctx, tx); err != nil {
+			return m.wrap(mig, statement{}, err)
+		}
+		return nil
+	case mig.FuncNoTx != nil:
+		if err := mig.FuncNoTx(ctx, conn); err != nil {
 			return m.wrap(mig, statement{}, err)
 		}
 		return nil

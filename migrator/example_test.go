@@ -27,8 +27,8 @@ func ExampleMigrator_Migrate() {
 			"001_seed.sql":  {Data: []byte("insert into items values (1, 'one');")},
 			"003_index.sql": {Data: []byte("---- tern: disable-tx ----\ndrop index concurrently if exists items_name;\ncreate index concurrently items_name on items (name);")},
 		},
-		Funcs: []migrator.GoMigration{{Version: 2, Name: "backfill", Up: func(ctx context.Context, conn *pgx.Conn) error {
-			_, err := conn.Exec(ctx, "insert into items select g, 'item ' || g from generate_series(2, 100) g")
+		Funcs: []migrator.GoMigration{{Version: 2, Name: "backfill", Up: func(ctx context.Context, tx pgx.Tx) error {
+			_, err := tx.Exec(ctx, "insert into items select g, 'item ' || g from generate_series(2, 100) g")
 			return err
 		}}},
 	}

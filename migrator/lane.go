@@ -15,6 +15,7 @@ import (
 	"testing/fstest"
 	"unicode/utf8"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/tern/v2/migrate"
 )
 
@@ -50,20 +51,53 @@ func ParseMode(s string) (Mode, error) {
 	return 0, fmt.Errorf("unknown lane mode %q (want blocking or background)", s)
 }
 
+// TxFunc is the body of a transactional Go migration. tx is the migration's transaction: the
+// Migrator commits it together with the version bump and the history row, or rolls it back when
+// the function returns an error. A nested tx.Begin (or pgx.BeginFunc(ctx, tx, ...)) is a
+// savepoint, never a second transaction. The function must not end tx itself (no Commit or
+// Rollback of tx, no COMMIT through tx.Conn()): the Migrator then refuses to record the version.
+type TxFunc func(ctx context.Context, tx pgx.Tx) error
+
+// ConnFunc is the body of a Go migration that must run outside a transaction (as a
+// `---- tern: disable-tx ----` file does, for CREATE INDEX CONCURRENTLY and the like). It gets
+// the Migrator's dedicated connection, outside any transaction, and must leave it that way.
+type ConnFunc func(ctx context.Context, conn *pgx.Conn) error
+
 // GoMigration is a migration written in Go, registered on one lane of one Migrator (there is no
-// global registry). It takes the place of the file with the same version number.
+// global registry). It takes the place of the file with the same version number. Exactly one of
+// Up and UpNoTx is set.
+//
+// Its checksum, recorded in the history table and compared on every later run (see
+// Config.AllowDrift), covers its file-like name "NNN_name.go" and Revision: the Migrator cannot
+// read a function's code, so bump Revision whenever the code of an applied migration changes
+// meaning, and a database that ran the old code is reported as drifted.
 type GoMigration struct {
 	// Version is the migration's number in its lane, counted with the lane's files: numbers run
 	// from 1 without gaps across files and Go migrations together.
 	Version int32
 	// Name is a short title such as "load_example"; it is shown as "NNN_name.go".
 	Name string
-	// Up applies the migration. It runs inside the migration's transaction on conn (commit and
-	// rollback are the Migrator's) unless DisableTx is set. It must honour ctx.
-	Up migrate.MigrationFunc
-	// DisableTx runs Up outside a transaction, like a `---- tern: disable-tx ----` file. A
-	// failure then leaves whatever Up did; Up must be safe to run again.
-	DisableTx bool
+	// Revision identifies the version of the code, such as "2" or a date; the author changes it
+	// when the code changes. Default "": the checksum is then the one of earlier releases,
+	// which covered the name only.
+	Revision string
+	// Up applies the migration inside the migration's transaction (commit and rollback are the
+	// Migrator's). It must honour ctx.
+	Up TxFunc
+	// UpNoTx applies the migration outside a transaction, like a `---- tern: disable-tx ----`
+	// file; a short transaction then records it. A failure leaves whatever UpNoTx did, so it must
+	// be safe to run again. It must honour ctx.
+	UpNoTx ConnFunc
+}
+
+// checksum returns the hex SHA-256 identifying the Go migration named name (NNN_name.go).
+func (g GoMigration) checksum(name string) string {
+	s := "go:" + name
+	if g.Revision != "" {
+		s += "\x00revision:" + g.Revision
+	}
+	sum := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(sum[:])
 }
 
 // Lane describes one lane: a folder of tern-format migration files plus optional Go
@@ -99,12 +133,15 @@ type Migration struct {
 	Name string
 	// SQL is the rendered up SQL of a file migration; empty for a Go migration.
 	SQL string
-	// Func is the Go function of a Go migration; nil for a file migration.
-	Func migrate.MigrationFunc
+	// Func is the function of a transactional Go migration (GoMigration.Up); nil otherwise.
+	Func TxFunc
+	// FuncNoTx is the function of a Go migration registered with UpNoTx; nil otherwise.
+	FuncNoTx ConnFunc
 	// DisableTx is true for files holding `---- tern: disable-tx ----` and Go migrations
-	// registered with DisableTx.
+	// registered with UpNoTx.
 	DisableTx bool
-	// Checksum is the hex SHA-256 of the rendered SQL (of "go:" and the name for Go migrations).
+	// Checksum is the hex SHA-256 of the rendered SQL; for a Go migration, of its name and
+	// Revision (see GoMigration).
 	Checksum string
 
 	statements []statement
@@ -191,8 +228,10 @@ func loadLane(spec Lane) (*loadedLane, error) {
 			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("migration numbers start at 1")}
 		case !goNamePattern.MatchString(g.Name):
 			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("go migration names use letters, digits and underscores")}
-		case g.Up == nil:
-			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("go migration has no Up function")}
+		case g.Up == nil && g.UpNoTx == nil:
+			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("go migration has no Up function (set Up, or UpNoTx to run outside a transaction)")}
+		case g.Up != nil && g.UpNoTx != nil:
+			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("go migration sets both Up and UpNoTx: set one")}
 		}
 		if prev, ok := owner[g.Version]; ok {
 			return nil, &LoadError{Lane: spec.Name, File: name, Err: fmt.Errorf("duplicate migration %d (also %s)", g.Version, prev)}
@@ -219,8 +258,8 @@ func loadLane(spec Lane) (*loadedLane, error) {
 	}
 	for _, v := range versions {
 		if g, ok := funcs[v]; ok {
-			sum := sha256.Sum256([]byte("go:" + owner[v]))
-			l.migrations = append(l.migrations, &Migration{Lane: spec.Name, Version: v, Name: owner[v], Func: g.Up, DisableTx: g.DisableTx, Checksum: hex.EncodeToString(sum[:])})
+			l.migrations = append(l.migrations, &Migration{Lane: spec.Name, Version: v, Name: owner[v],
+				Func: g.Up, FuncNoTx: g.UpNoTx, DisableTx: g.UpNoTx != nil, Checksum: g.checksum(owner[v])})
 			continue
 		}
 		mig := rendered[v]

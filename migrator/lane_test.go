@@ -2,6 +2,8 @@ package migrator
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"strings"
 	"testing"
@@ -12,7 +14,7 @@ import (
 
 func file(s string) *fstest.MapFile { return &fstest.MapFile{Data: []byte(s)} }
 
-func noop(context.Context, *pgx.Conn) error { return nil }
+func noop(context.Context, pgx.Tx) error { return nil }
 
 func TestLoadLane(t *testing.T) {
 	fsys := fstest.MapFS{
@@ -227,4 +229,35 @@ func FuzzSplitStatements(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A Go migration's checksum covers its name and Revision; without a Revision it is the checksum
+// of earlier releases (sha256 of "go:" and the name), so upgrading reports no drift.
+func TestGoMigrationChecksumCoversRevision(t *testing.T) {
+	sum := func(g GoMigration) string {
+		l, err := loadLane(Lane{Name: "slow", Funcs: []GoMigration{g}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l.migrations[0].Checksum
+	}
+	base := sum(GoMigration{Version: 1, Name: "load", Up: noop})
+	if want := goChecksumOfName(t, "001_load.go"); base != want {
+		t.Fatalf("checksum without Revision = %s, want the earlier releases' %s", base, want)
+	}
+	r1 := sum(GoMigration{Version: 1, Name: "load", Revision: "1", Up: noop})
+	r2 := sum(GoMigration{Version: 1, Name: "load", Revision: "2", Up: noop})
+	renamed := sum(GoMigration{Version: 1, Name: "load2", Revision: "1", Up: noop})
+	if r1 == base || r1 == r2 || r1 == renamed {
+		t.Fatalf("checksums must differ by revision and name: base %s r1 %s r2 %s renamed %s", base, r1, r2, renamed)
+	}
+	if r1 != sum(GoMigration{Version: 1, Name: "load", Revision: "1", UpNoTx: func(context.Context, *pgx.Conn) error { return nil }}) {
+		t.Fatal("same name and revision must give the same checksum")
+	}
+}
+
+func goChecksumOfName(t *testing.T, name string) string {
+	t.Helper()
+	h := sha256.Sum256([]byte("go:" + name))
+	return hex.EncodeToString(h[:])
 }

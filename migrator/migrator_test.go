@@ -3,6 +3,7 @@ package migrator_test
 import (
 	"context"
 	"errors"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -17,7 +18,12 @@ import (
 	"github.com/multilanes/lanes/migrator"
 )
 
-func TestMain(m *testing.M) { pgtest.RunMain(m) }
+func TestMain(m *testing.M) {
+	if url := os.Getenv(nestedHelperEnv); url != "" {
+		runNestedHelper(url) // a helper process of a fault test; never returns
+	}
+	pgtest.RunMain(m)
+}
 
 func file(s string) *fstest.MapFile { return &fstest.MapFile{Data: []byte(s)} }
 
@@ -170,7 +176,7 @@ func TestMigrateWaitsForHolderAndAppliesExactlyOnce(t *testing.T) {
 	var runs atomic.Int32
 	release := make(chan struct{})
 	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"002_after.sql": file("insert into work values (2);")},
-		Funcs: []migrator.GoMigration{{Version: 1, Name: "work", Up: func(ctx context.Context, c *pgx.Conn) error {
+		Funcs: []migrator.GoMigration{{Version: 1, Name: "work", Up: func(ctx context.Context, c pgx.Tx) error {
 			runs.Add(1)
 			<-release
 			_, err := c.Exec(ctx, "create table work (i int); insert into work values (1)")
@@ -340,7 +346,7 @@ func TestDisableTxAndGoMigrations(t *testing.T) {
 	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
 		"001_t.sql":   file("create table t (i int);"),
 		"003_idx.sql": file("---- tern: disable-tx ----\ndrop index concurrently if exists t_i;\ncreate index concurrently t_i on t (i);"),
-	}, Funcs: []migrator.GoMigration{{Version: 2, Name: "fill", Up: func(ctx context.Context, c *pgx.Conn) error {
+	}, Funcs: []migrator.GoMigration{{Version: 2, Name: "fill", Up: func(ctx context.Context, c pgx.Tx) error {
 		_, err := c.Exec(ctx, "insert into t select generate_series(1, 100)")
 		return err
 	}}}}
@@ -359,7 +365,7 @@ func TestGoMigrationErrorRollsBack(t *testing.T) {
 	t.Parallel()
 	cc, conn := setup(t)
 	ctx := ctxT(t)
-	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{{Version: 1, Name: "half", Up: func(ctx context.Context, c *pgx.Conn) error {
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{{Version: 1, Name: "half", Up: func(ctx context.Context, c pgx.Tx) error {
 		if _, err := c.Exec(ctx, "create table half (i int)"); err != nil {
 			return err
 		}
@@ -380,7 +386,7 @@ func TestCancelRollsBackAndReleasesLock(t *testing.T) {
 	cc, conn := setup(t)
 	ctx := ctxT(t)
 	started := make(chan struct{})
-	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{{Version: 1, Name: "long", Up: func(ctx context.Context, c *pgx.Conn) error {
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{{Version: 1, Name: "long", Up: func(ctx context.Context, c pgx.Tx) error {
 		if _, err := c.Exec(ctx, "create table long_t (i int)"); err != nil {
 			return err
 		}

@@ -265,12 +265,12 @@ func demoLanes(loadDuration time.Duration, i int32, applier *atomic.Int32, log z
 		funcs := slices.Clone(lanes[li].Funcs)
 		for fi := range funcs {
 			up := funcs[fi].Up
-			funcs[fi].Up = func(ctx context.Context, conn *pgx.Conn) error {
+			funcs[fi].Up = func(ctx context.Context, tx pgx.Tx) error {
 				if applier.CompareAndSwap(0, i) {
 					log.Info().Str("lane", demoSlowLane).
 						Msg("won the slow lane's lock: loading data in the background while every replica serves")
 				}
-				return up(ctx, conn)
+				return up(ctx, tx)
 			}
 		}
 		lanes[li].Funcs = funcs
