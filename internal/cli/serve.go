@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -61,7 +60,7 @@ func runServe(ctx context.Context, c *command, addr string) error {
 		c.env.onListen(ln.Addr())
 	}
 	srv := &http.Server{
-		Handler:           newServeHandler(r),
+		Handler:           r.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          log.New(c.log.With().Str("component", "http").Logger(), "", 0),
 	}
@@ -108,53 +107,4 @@ func runServe(ctx context.Context, c *command, addr string) error {
 		c.log.Info().Msg("stopped gracefully")
 	}
 	return runErr
-}
-
-// serveHandler answers the HTTP endpoints of one replica.
-type serveHandler struct {
-	r *app.Runtime
-}
-
-func newServeHandler(r *app.Runtime) http.Handler {
-	h := &serveHandler{r: r}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		fmt.Fprintln(w, "ok")
-	})
-	mux.HandleFunc("GET /readyz", h.readyz)
-	mux.HandleFunc("GET /lanes", h.lanes)
-	return mux
-}
-
-func (h *serveHandler) readyz(w http.ResponseWriter, _ *http.Request) {
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	if !h.r.Ready() {
-		w.WriteHeader(http.StatusServiceUnavailable)
-		fmt.Fprintln(w, "not ready: applying the blocking lanes")
-		return
-	}
-	fmt.Fprintln(w, "ready")
-}
-
-// lanesResponse is the /lanes JSON: app.Status, plus the error when the state cannot be read.
-type lanesResponse struct {
-	app.Status
-	Error string `json:"error,omitempty"`
-}
-
-// lanes answers the lanes' state read fresh from the database, with this replica's view. It
-// works while the blocking lanes are being applied too.
-func (h *serveHandler) lanes(w http.ResponseWriter, req *http.Request) {
-	ctx, cancel := context.WithTimeout(req.Context(), 5*time.Second)
-	defer cancel()
-	var resp lanesResponse
-	st, err := h.r.Status(ctx)
-	resp.Status = st
-	w.Header().Set("Content-Type", "application/json")
-	if err != nil {
-		resp.Error = err.Error()
-		w.WriteHeader(http.StatusServiceUnavailable)
-	}
-	_ = json.NewEncoder(w).Encode(resp) // a client that went away is no error of ours
 }

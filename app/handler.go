@@ -1,0 +1,72 @@
+package app
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"time"
+)
+
+// statusTimeout bounds the database read behind GET /lanes.
+const statusTimeout = 5 * time.Second
+
+// Handler returns the replica's HTTP endpoints, what `lanes serve` serves, for a service to
+// mount on its own server:
+//
+//   - GET /healthz: 200 "ok" while the process runs (a liveness probe; it never touches the
+//     database, so a database outage does not get the replica restarted);
+//   - GET /readyz: 503 until the blocking lanes are applied, then 200 (a readiness probe);
+//   - GET /lanes: the lanes read fresh from the database (lock-free) plus this replica's view,
+//     as the JSON of Status with an "error" field; 503 with the replica's view when the
+//     database cannot be read.
+//
+// The handler is read-only: nothing it serves changes the database. It may be called before
+// Start (a starting replica answers /healthz and says what it waits for) and is safe for
+// concurrent use. Mount it under a prefix with http.StripPrefix.
+func (r *Runtime) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", r.serveReadyz)
+	mux.HandleFunc("GET /lanes", r.serveLanes)
+	return mux
+}
+
+func (r *Runtime) serveReadyz(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	if !r.Ready() {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintln(w, "not ready: applying the blocking lanes")
+		return
+	}
+	fmt.Fprintln(w, "ready")
+}
+
+// LanesResponse is the JSON body of GET /lanes: Status, plus the error when the lanes could
+// not be read from the database (then Lanes is empty and Replica still holds this replica's
+// view).
+type LanesResponse struct {
+	Status
+	Error string `json:"error,omitempty"`
+}
+
+// serveLanes answers the lanes' state read fresh from the database, with this replica's view.
+// It works while the blocking lanes are being applied too.
+func (r *Runtime) serveLanes(w http.ResponseWriter, req *http.Request) {
+	ctx, cancel := context.WithTimeout(req.Context(), statusTimeout)
+	defer cancel()
+	var resp LanesResponse
+	st, err := r.Status(ctx)
+	resp.Status = st
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	if err != nil {
+		resp.Error = err.Error()
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	_ = json.NewEncoder(w).Encode(resp) // a client that went away is no error of ours
+}
