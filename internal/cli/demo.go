@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -224,9 +225,27 @@ func waitForSlowLane(ctx context.Context, c *command, replicas []*app.Runtime) (
 	}
 	tick := time.NewTicker(o.workInterval)
 	defer tick.Stop()
+	c.log.Info().Int("replicas_serving", len(replicas)).
+		Msg("app can do some work while the long-running migrations run in the background")
+	// While the lane runs, say only what changes: the slow lane's version as each replica knows
+	// it (from its own view, no query), not the same line every second.
+	last := ""
 	work := func() {
-		c.log.Info().Int("replicas_serving", len(replicas)).
-			Msg("app can do some work while the long-running migrations run in the background")
+		versions := make([]string, len(replicas))
+		for i, r := range replicas {
+			for _, k := range r.View().Lanes {
+				if k.Name == demoSlowLane {
+					versions[i] = fmt.Sprintf("r%d=%d", i+1, k.Version)
+				}
+			}
+		}
+		if now := strings.Join(versions, " "); now != last {
+			if last != "" {
+				c.log.Info().Str("slow_lane_versions", now).Int("replicas_serving", len(replicas)).
+					Msg("the replicas learned that the slow lane moved on; all of them keep serving")
+			}
+			last = now
+		}
 	}
 	work()
 	at := make([]time.Time, len(replicas))

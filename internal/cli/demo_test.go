@@ -78,6 +78,15 @@ func checkStory(t *testing.T, out string, replicas int) string {
 		}, r+" ready")
 	}
 	find(msg("app can do some work while the long-running migrations run in the background"), "work line")
+	work := 0
+	for _, l := range lines {
+		if l.Message == "app can do some work while the long-running migrations run in the background" {
+			work++
+		}
+	}
+	if work != 1 {
+		t.Errorf("the demo said %d times that the app can work: once, then only what changes", work)
+	}
 	find(func(l logLine) bool {
 		return strings.HasPrefix(l.Message, "OK   002_index_example.sql (") && l.Lane == "slow"
 	}, "slow lane's last migration")
