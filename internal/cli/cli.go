@@ -17,7 +17,6 @@ import (
 	"net/url"
 	"os"
 	"regexp"
-	"slices"
 	"strings"
 	"time"
 
@@ -25,7 +24,6 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
 
-	"github.com/multilanes/lanes/migrations"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -183,15 +181,21 @@ func target(cfg *pgx.ConnConfig) string {
 	return fmt.Sprintf("host=%s port=%d user=%s database=%s", cfg.Host, cfg.Port, cfg.User, db)
 }
 
-// laneSpecs returns the lanes to load: from the --migrations folder, else the embedded demo
-// migrations (whose slow lane loads data for loadDuration), in the order --lanes declares.
-func (c *command) laneSpecs(loadDuration time.Duration) ([]migrator.Lane, error) {
+// errNoMigrations is the usage error of a command that needs migrations when neither
+// --migrations nor LANES_MIGRATIONS is set.
+func errNoMigrations(command string) error {
+	return usageErrorf("%s needs the migrations: set --migrations DIR or LANES_MIGRATIONS to the folder holding one subfolder per lane (only 'lanes demo' uses the embedded demo migrations)", command)
+}
+
+// laneSpecs returns the lanes to load from the --migrations folder. Without one it is a usage
+// error, and nothing is touched: the embedded demo migrations belong to the demo command alone.
+func (c *command) laneSpecs() ([]migrator.Lane, error) {
 	decls, err := migrator.ParseLaneDecls(c.set.lanes)
 	if err != nil {
 		return nil, usageErrorf("invalid lanes (--lanes or LANES_LANES): %w", err)
 	}
 	if c.set.migrations == "" {
-		return embeddedLanes(loadDuration, decls)
+		return nil, errNoMigrations(c.name)
 	}
 	st, err := os.Stat(c.set.migrations)
 	if err != nil {
@@ -207,26 +211,6 @@ func (c *command) laneSpecs(loadDuration time.Duration) ([]migrator.Lane, error)
 	return lanes, nil
 }
 
-// embeddedLanes returns the embedded demo lanes, reordered and with the modes given by decls
-// when there are any.
-func embeddedLanes(loadDuration time.Duration, decls []migrator.LaneDecl) ([]migrator.Lane, error) {
-	all := migrations.Lanes(loadDuration)
-	if len(decls) == 0 {
-		return all, nil
-	}
-	var out []migrator.Lane
-	for _, d := range decls {
-		i := slices.IndexFunc(all, func(l migrator.Lane) bool { return l.Name == d.Name })
-		if i < 0 {
-			return nil, usageErrorf("the embedded demo migrations have no lane %q (they have fast and slow): set --migrations", d.Name)
-		}
-		l := all[i]
-		l.Mode = d.Mode
-		out = append(out, l)
-	}
-	return out, nil
-}
-
 // migrator loads the lanes and returns a Migrator for the configured database. It does not
 // connect.
 func (c *command) migrator() (*migrator.Migrator, error) {
@@ -234,7 +218,7 @@ func (c *command) migrator() (*migrator.Migrator, error) {
 	if err != nil {
 		return nil, err
 	}
-	lanes, err := c.laneSpecs(5 * time.Second)
+	lanes, err := c.laneSpecs()
 	if err != nil {
 		return nil, err
 	}

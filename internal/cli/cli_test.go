@@ -3,11 +3,13 @@ package cli
 import (
 	"context"
 	"encoding/json"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -527,20 +529,72 @@ func TestChannelFlag(t *testing.T) {
 	}
 }
 
-func TestEmbeddedMigrations(t *testing.T) {
+// Only demo uses the embedded demo migrations: every other command without --migrations or
+// LANES_MIGRATIONS is a usage error that names both and touches nothing (no connection, no
+// table, no HTTP listener). Before, migrate applied the demo lanes to the user's database.
+func TestNoAccidentalDemo(t *testing.T) {
 	t.Parallel()
-	url := pgtest.NewDB(t)
-	vars := map[string]string{"DATABASE_URL": url, "LANES_LOG_FORMAT": "json"}
-	st := statusOf(t, vars)
-	if len(st) != 2 || st[0].Name != "fast" || st[0].Latest != 2 || st[1].Name != "slow" || st[1].Latest != 2 {
-		t.Fatalf("embedded lanes: %+v", st)
+	// A server that only counts who connects to it.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
-	if res := runCLI(t, vars, "migrate", "--lane", "fast"); res.code != ExitOK || !strings.Contains(res.stderr, "OK   001_create_example.sql") {
-		t.Fatalf("migrate --lane fast: %v", res)
+	defer ln.Close()
+	var accepted atomic.Int32
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			c.Close()
+		}
+	}()
+	counting := "postgres://nobody@" + ln.Addr().String() + "/none?sslmode=disable&connect_timeout=2"
+	real := pgtest.NewDB(t)
+	for _, args := range [][]string{
+		{"migrate"},
+		{"migrate", "--lane", "fast"},
+		{"status"},
+		{"status", "--json"},
+		{"wait", "--lane", "fast", "--timeout", "2s"},
+		{"serve", "--addr", "127.0.0.1:0"},
+	} {
+		for _, url := range []string{counting, real} {
+			ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+			e, stdout, stderr := testEnv(map[string]string{"DATABASE_URL": url, "LANES_LOG_FORMAT": "json"})
+			listened := false
+			e.onListen = func(net.Addr) { listened = true }
+			code := run(ctx, args, e)
+			cancel()
+			res := result{code: code, stdout: stdout.String(), stderr: stderr.String()}
+			if res.code != ExitUsage || !strings.Contains(res.stderr, "--migrations") || !strings.Contains(res.stderr, "LANES_MIGRATIONS") {
+				t.Errorf("%q without a migrations folder: want exit %d naming --migrations and LANES_MIGRATIONS, got %v", args, ExitUsage, res)
+			}
+			if listened {
+				t.Errorf("%q without a migrations folder bound its HTTP listener", args)
+			}
+		}
 	}
-	vars["LANES_LANES"] = "slow:background,other:background"
-	if res := runCLI(t, vars, "status"); res.code != ExitUsage || !strings.Contains(res.stderr, `have no lane \"other\"`) {
-		t.Errorf("an undeclared embedded lane: %v", res)
+	if n := accepted.Load(); n != 0 {
+		t.Errorf("%d connections were made to the database without a migrations folder", n)
+	}
+	conn, err := pgx.Connect(t.Context(), real)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	var tables []string
+	rows, err := conn.Query(t.Context(), "select schemaname || '.' || tablename from pg_tables where schemaname not in ('pg_catalog', 'information_schema')")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tables, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
+		t.Fatal(err)
+	}
+	if len(tables) > 0 {
+		t.Errorf("tables created without a migrations folder: %v", tables)
 	}
 }
 

@@ -23,7 +23,7 @@ func (g *globals) register(fs *flag.FlagSet) {
 	fs.StringVar(&g.databaseURL, "database-url", g.databaseURL,
 		"`URL` or keyword/value string (env DATABASE_URL); unset: libpq defaults\n(PGHOST, PGPORT, PGUSER, ..., local socket)")
 	fs.StringVar(&g.migrations, "migrations", g.migrations,
-		"`folder` holding one subfolder per lane (env LANES_MIGRATIONS)")
+		"`folder` holding one subfolder per lane (env LANES_MIGRATIONS); required by\nmigrate, status, wait, serve and new (only demo uses the embedded demo\nmigrations)")
 	fs.StringVar(&g.lanes, "lanes", g.lanes,
 		"lanes in order as name:mode[:version_table],... with mode blocking or\nbackground (env LANES_LANES; default fast:blocking,slow:background;\nversion_table default lanes_<name>_version, optionally schema.table)")
 	fs.StringVar(&g.channel, "channel", g.channel, "NOTIFY `channel` (env LANES_CHANNEL; default lanes_done)")
@@ -34,7 +34,7 @@ func (g *globals) register(fs *flag.FlagSet) {
 // settings are the global settings once flags and environment variables are resolved.
 type settings struct {
 	databaseURL string // "" means libpq defaults
-	migrations  string // "" means the embedded demo migrations
+	migrations  string // "" means none given: a usage error for every command but demo
 	lanes       string
 	channel     string
 	logFormat   string // "json" or "console"

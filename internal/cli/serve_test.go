@@ -147,7 +147,8 @@ func TestServeAddressInUse(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	vars := map[string]string{"LANES_ADDR": ln.Addr().String(), "DATABASE_URL": "postgres://nobody@127.0.0.1:1/none"}
+	dir := writeTree(t, map[string]string{"fast/001_a.sql": "select 1;"})
+	vars := map[string]string{"LANES_ADDR": ln.Addr().String(), "DATABASE_URL": "postgres://nobody@127.0.0.1:1/none", "LANES_MIGRATIONS": dir}
 	if res := runCLI(t, vars, "serve"); res.code != ExitError || !strings.Contains(res.stderr, ln.Addr().String()) {
 		t.Errorf("serve on a busy address from LANES_ADDR: %v", res)
 	}
