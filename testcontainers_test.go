@@ -9,26 +9,36 @@ package main
 // the binary, TestMain) are in helpers_test.go; the fault-injection tests in faults_test.go.
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/migrator"
 )
 
-// migrationsDir writes a fast lane and a slow lane whose one migration takes slowSeconds.
+// slowGate is the advisory lock that the slow lane's first migration waits for: a test that
+// holds it (holdSlowLane) decides when the slow lane may finish, instead of racing a sleep.
+const slowGate = 7_340_001
+
+// migrationsDir writes a fast lane and a slow lane whose first migration takes slowSeconds,
+// and does not end before the slowGate advisory lock is free.
 func migrationsDir(t *testing.T, slowSeconds float64) string {
 	dir := t.TempDir()
 	files := map[string]string{
 		"fast/001_create_example.sql":   "create table example (id int primary key, name text not null);",
 		"fast/002_populate_example.sql": "insert into example select g, 'seed-' || g from generate_series(1, 10) g;",
-		"slow/001_load_example.sql":     fmt.Sprintf("select pg_sleep(%g);\ninsert into example select g, 'loaded-' || g from generate_series(11, 1000) g;", slowSeconds),
-		"slow/002_index_example.sql":    "---- tern: disable-tx ----\ndrop index concurrently if exists example_name_idx;\ncreate index concurrently example_name_idx on example (name);",
+		"slow/001_load_example.sql": fmt.Sprintf("select pg_sleep(%g);\nselect pg_advisory_xact_lock(%d);\n"+
+			"insert into example select g, 'loaded-' || g from generate_series(11, 1000) g;", slowSeconds, slowGate),
+		"slow/002_index_example.sql": "---- tern: disable-tx ----\ndrop index concurrently if exists example_name_idx;\ncreate index concurrently example_name_idx on example (name);",
 	}
 	for name, body := range files {
 		p := filepath.Join(dir, name)
@@ -48,7 +58,8 @@ func migrationsDir(t *testing.T, slowSeconds float64) string {
 // ones that did not apply it through LISTEN/NOTIFY, and all stop cleanly on SIGTERM.
 func TestReplicasShareTheLanes(t *testing.T) {
 	dbURL := pgtest.NewDB(t)
-	dir := migrationsDir(t, 4)
+	dir := migrationsDir(t, 0.5)
+	release := holdSlowLane(t, dbURL)
 	var rs []*replica
 	for i := range 3 {
 		rs = append(rs, startReplica(t, fmt.Sprintf("r%d", i+1), dbURL, dir))
@@ -69,6 +80,7 @@ func TestReplicasShareTheLanes(t *testing.T) {
 		t.Fatalf("late replica became ready only after the slow lane: %+v", st.Lanes)
 	}
 	rs = append(rs, late)
+	release()
 
 	for _, r := range rs {
 		eventually(t, "replica "+r.name+" learns the slow lane is done", 60*time.Second, func() bool { return r.known(t, "slow").Done })
@@ -121,4 +133,31 @@ func TestStatusAndWaitAgainstLiveReplicas(t *testing.T) {
 		t.Fatalf("status --json = %s (%v)", out, err)
 	}
 	r.stop(t)
+}
+
+// holdSlowLane takes the slowGate advisory lock on a session of its own, so the slow lane
+// cannot finish until the returned function releases it (also called at the end of the test).
+func holdSlowLane(t *testing.T, dbURL string) (release func()) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, "select pg_advisory_lock($1)", slowGate); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	release = func() {
+		once.Do(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := conn.Close(ctx); err != nil {
+				t.Errorf("release the slow lane: %v", err)
+			}
+		})
+	}
+	t.Cleanup(release)
+	return release
 }
