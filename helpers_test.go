@@ -512,6 +512,13 @@ where l.locktype = 'advisory' and l.granted and l.objsubid = 1
 	return h, true
 }
 
+// hasDeadClientCheck reports whether conn's server has client_connection_check_interval
+// (PostgreSQL 14 and later), which the lanes processes then set.
+func hasDeadClientCheck(t *testing.T, conn *pgx.Conn) bool {
+	t.Helper()
+	return scalar[int](t, conn, "select current_setting('server_version_num')::int") >= migrator.DeadClientCheckVersion
+}
+
 // figure logs a measured figure in the greppable form the README's reliability section quotes:
 //
 //	FIGURE name=1.23s (bound ...)

@@ -264,6 +264,17 @@ values ($1, $2, $3, $4, $5, $6, $7, $8, $9)`, l.Name, mig.Version, mig.Name, mig
 	if last || l.Mode == Background {
 		b.Queue("select pg_notify($1, $2)", m.cfg.Channel, Event{Lane: l.Name, Version: mig.Version, Done: last}.payload())
 	}
+	// reset all also reset the session settings set after connecting (they are not startup
+	// parameters): set them again, unless the server refused them before.
+	if !m.setFailed.Load() {
+		restore, err := m.restoreSessionSQL(ctx, tx.Conn().PgConn())
+		if err != nil {
+			return m.wrap(mig, statement{}, fmt.Errorf("record version: %w", err))
+		}
+		if restore != "" {
+			b.Queue(restore)
+		}
+	}
 	br := tx.SendBatch(ctx, b)
 	_, err := br.Exec()
 	var tag pgconn.CommandTag

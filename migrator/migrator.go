@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -58,14 +61,19 @@ type Migrator struct {
 	pid        int32
 	appName    string
 	status     statusQuery
+	userSet    []string // runtime parameters of the connection configuration, lower-cased
+
+	warnOld, warnSet sync.Once   // each said once per Migrator (see noDeadClientCheck)
+	setFailed        atomic.Bool // the server refused the session settings once
+
 }
 
 // New loads and validates every lane (names, numbering, templates, UTF-8) before touching the
 // database; it returns a *LoadError for the first problem. Lanes are applied in the order
-// given, and blocking lanes must come before background ones. connConfig is copied; runtime
-// parameters are added to the copy (application_name "lanes" when unset, and
-// client_connection_check_interval=1000 so the server notices a killed client within a second
-// and releases its lock).
+// given, and blocking lanes must come before background ones. connConfig is copied and prepared
+// as PrepareConnConfig says: application_name lanes/<host>/<pid> when unset, and the session
+// settings the server supports set after connecting. On a server without
+// client_connection_check_interval (PostgreSQL 13) the Logger says once what that costs.
 func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error) {
 	if connConfig == nil {
 		return nil, errors.New("migrator: nil connection config")
@@ -93,11 +101,14 @@ func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error
 		return nil, fmt.Errorf("migrator: history table: %w", err)
 	}
 	m := &Migrator{
-		connConfig: PrepareConnConfig(connConfig),
-		byName:     map[string]*loadedLane{},
-		history:    history,
-		cfg:        cfg,
-		pid:        int32(os.Getpid()),
+		byName:  map[string]*loadedLane{},
+		history: history,
+		cfg:     cfg,
+		pid:     int32(os.Getpid()),
+	}
+	m.connConfig = prepareConnConfig(connConfig, SessionHooks{NoDeadClientCheck: m.noDeadClientCheck, SetFailed: m.sessionSetFailed})
+	for k := range m.connConfig.RuntimeParams {
+		m.userSet = append(m.userSet, strings.ToLower(k))
 	}
 	m.host, _ = os.Hostname()
 	m.appName = m.connConfig.RuntimeParams["application_name"]
@@ -124,35 +135,6 @@ func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error
 	}
 	m.status = newStatusQuery(m)
 	return m, nil
-}
-
-// PrepareConnConfig returns a copy of c with the runtime parameters multi-lanes relies on, each
-// only when unset: application_name "lanes"; client_connection_check_interval=1000 (PostgreSQL
-// 14+) so that a killed client's session, and the lane lock it holds, ends within about a
-// second instead of when its running statement finishes; and server-side TCP keepalives
-// (idle 10 s, interval 5 s, count 3) so that a session cut off by a network partition ends
-// within about 25 s.
-func PrepareConnConfig(c *pgx.ConnConfig) *pgx.ConnConfig {
-	c = c.Copy()
-	if c.RuntimeParams == nil {
-		c.RuntimeParams = map[string]string{}
-	}
-	if c.RuntimeParams["application_name"] == "" {
-		c.RuntimeParams["application_name"] = "lanes"
-	}
-	for k, v := range map[string]string{
-		"client_connection_check_interval": "1000",
-		// Server-side TCP keepalives: a session cut off by a network partition (no FIN, no
-		// RST) ends, and frees its lane lock, after about 10 + 3 × 5 = 25 s.
-		"tcp_keepalives_idle":     "10",
-		"tcp_keepalives_interval": "5",
-		"tcp_keepalives_count":    "3",
-	} {
-		if _, ok := c.RuntimeParams[k]; !ok {
-			c.RuntimeParams[k] = v
-		}
-	}
-	return c
 }
 
 // LaneInfo describes a loaded lane.

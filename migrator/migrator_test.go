@@ -1,8 +1,10 @@
 package migrator_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"sync"
@@ -13,6 +15,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/tern/v2/migrate"
+	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/migrator"
@@ -112,7 +115,7 @@ func TestMigrateIsTernCompatible(t *testing.T) {
 		t.Fatalf("second run = %+v, %v", res, err)
 	}
 	// History: one row per applied migration, with the checksum of what ran.
-	if n := queryInt(t, conn, "select count(*) from lanes_history where lane = 'fast' and error is null and host <> '' and pid > 0 and application_name = 'lanes' and length(checksum) = 64"); n != 2 {
+	if n := queryInt(t, conn, "select count(*) from lanes_history where lane = 'fast' and error is null and host <> '' and pid > 0 and application_name like 'lanes/%' and length(checksum) = 64"); n != 2 {
 		t.Fatalf("history rows = %d", n)
 	}
 }
@@ -473,28 +476,113 @@ func TestDriftIsReportedAndStopsMigrate(t *testing.T) {
 	}
 }
 
+// Every connection a Migrator makes carries application_name lanes/<host>/<pid> as its only
+// added startup parameter (older servers and PgBouncer refuse the others at startup: PostgreSQL
+// 13 refuses client_connection_check_interval with 42704); the session settings are set after
+// connecting, as far as the server has them, and set again after each migration's reset all.
 func TestDedicatedConnectionSettings(t *testing.T) {
 	t.Parallel()
-	cc, _ := setup(t)
+	cc, conn := setup(t)
 	ctx := ctxT(t)
-	m := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: twoFiles})
-	conn, err := m.Connect(ctx)
+	var logs bytes.Buffer
+	m, err := migrator.New(cc, []migrator.Lane{{Name: "fast", FS: twoFiles}}, migrator.Config{Logger: zerolog.New(&logs)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close(ctx)
-	var app, check, idle string
-	var tcp bool
-	if err := conn.QueryRow(ctx, `select current_setting('application_name'), current_setting('client_connection_check_interval'),
-  current_setting('tcp_keepalives_idle'), inet_client_addr() is not null`).Scan(&app, &check, &idle, &tcp); err != nil {
+	version := queryInt(t, conn, "select current_setting('server_version_num')::int")
+	check := func(what string, mc *pgx.Conn) {
+		t.Helper()
+		var app string
+		var fromClient []string
+		var tcp bool
+		if err := mc.QueryRow(ctx, `select current_setting('application_name'),
+  coalesce((select array_agg(name::text order by name) from pg_settings where source = 'client'), '{}'), inet_client_addr() is not null`).Scan(&app, &fromClient, &tcp); err != nil {
+			t.Fatal(err)
+		}
+		if want := fmt.Sprintf("lanes/%s/%d", hostname(t), os.Getpid()); app != want {
+			t.Fatalf("%s: application_name %q, want %q", what, app, want)
+		}
+		for _, name := range fromClient {
+			if name != "application_name" && name != "client_encoding" && name != "DateStyle" {
+				t.Fatalf("%s: startup packet carried %s (startup parameters: %v)", what, name, fromClient)
+			}
+		}
+		settings := map[string]string{}
+		rows, err := mc.Query(ctx, "select name, setting from pg_settings where name in ('client_connection_check_interval', 'tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count')")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for rows.Next() {
+			var n, v string
+			if err := rows.Scan(&n, &v); err != nil {
+				t.Fatal(err)
+			}
+			settings[n] = v
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatal(err)
+		}
+		if version >= migrator.DeadClientCheckVersion && settings["client_connection_check_interval"] != "1000" {
+			t.Fatalf("%s: client_connection_check_interval = %q on server %d, want 1000", what, settings["client_connection_check_interval"], version)
+		}
+		if tcp && (settings["tcp_keepalives_idle"] != "10" || settings["tcp_keepalives_interval"] != "5" || settings["tcp_keepalives_count"] != "3") {
+			t.Fatalf("%s: keepalives over TCP = %v, want 10/5/3", what, settings)
+		}
+	}
+	mc, err := m.Connect(ctx)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if app != "lanes" || check != "1s" {
-		t.Fatalf("application_name %q, client_connection_check_interval %q", app, check)
+	defer mc.Close(ctx)
+	check("after connect", mc)
+	// A migration's reset all must not drop the settings for the rest of the run: the session
+	// that applied the migrations still has them.
+	if _, err := m.TryMigrateOn(ctx, mc, "fast"); err != nil {
+		t.Fatal(err)
 	}
-	if tcp && idle != "10" {
-		t.Fatalf("tcp_keepalives_idle = %q over TCP, want 10", idle)
+	check("after migrating", mc)
+	if n := queryInt(t, conn, "select count(*) from lanes_history where application_name = $1", fmt.Sprintf("lanes/%s/%d", hostname(t), os.Getpid())); n != 2 {
+		t.Fatalf("history rows with the default application_name = %d, want 2", n)
 	}
+	said := strings.Count(logs.String(), "no client_connection_check_interval")
+	if version < migrator.DeadClientCheckVersion && said != 1 {
+		t.Fatalf("server %d: the missing dead-client check was said %d times, want once:\n%s", version, said, logs.String())
+	}
+	if version >= migrator.DeadClientCheckVersion && said != 0 {
+		t.Fatalf("server %d has the dead-client check, log says otherwise:\n%s", version, logs.String())
+	}
+}
+
+// A setting given in the connection configuration is the user's: sent as they asked, never
+// overridden after connecting; an application_name they set is kept.
+func TestConnectionSettingsKeepTheUsers(t *testing.T) {
+	t.Parallel()
+	cc, _ := setup(t)
+	ctx := ctxT(t)
+	cc = cc.Copy()
+	cc.RuntimeParams = map[string]string{"application_name": "mine", "tcp_keepalives_count": "7"}
+	m := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: twoFiles})
+	mc, err := m.Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mc.Close(ctx)
+	var app, count string
+	if err := mc.QueryRow(ctx, "select current_setting('application_name'), (select source from pg_settings where name = 'tcp_keepalives_count')").Scan(&app, &count); err != nil {
+		t.Fatal(err)
+	}
+	if app != "mine" || count != "client" {
+		t.Fatalf("application_name %q, tcp_keepalives_count from %q; want mine, client", app, count)
+	}
+}
+
+func hostname(t *testing.T) string {
+	t.Helper()
+	h, err := os.Hostname()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
 }
 
 // A transactional file runs as one query, as tern runs it: SQL a statement splitter could
@@ -503,8 +591,12 @@ func TestFileRunsAsOneQueryLikeTern(t *testing.T) {
 	t.Parallel()
 	cc, conn := setup(t)
 	ctx := ctxT(t)
+	body := "begin atomic\n  select 1;\n  select 2;\nend;"
+	if queryInt(t, conn, "select current_setting('server_version_num')::int") < 140000 {
+		body = "as 'select 1; select 2';" // PostgreSQL 13 has no BEGIN ATOMIC; the rule below still applies
+	}
 	lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{
-		"001_atomic.sql": file("create table log (i int);\ncreate function two() returns int language sql\nbegin atomic\n  select 1;\n  select 2;\nend;\ncreate table audit (i int);\ncreate rule twice as on insert to log where new.i = 0 do also (insert into audit values (-1); insert into audit values (-2));"),
+		"001_atomic.sql": file("create table log (i int);\ncreate function two() returns int language sql\n" + body + "\ncreate table audit (i int);\ncreate rule twice as on insert to log where new.i = 0 do also (insert into audit values (-1); insert into audit values (-2));"),
 		"002_use.sql":    file("insert into log values (two()), (0);"),
 	}}
 	if _, err := newMigrator(t, cc, lane).Migrate(ctx, "fast"); err != nil {
