@@ -212,7 +212,7 @@ func TestFaultTakeoverAfterSigkill(t *testing.T) {
 	serverSlots.reserve(t, 3)
 	dbURL := pgtest.NewDB(t)
 	dir := runsLanes(t)
-	key := lockKey(t, dir, "slow")
+	key := lockKey(t, dbURL, dir, "slow")
 	conn := connect(t, dbURL)
 	rs := map[string]*replica{}
 	for _, name := range []string{"k1", "k2", "k3"} {
@@ -333,7 +333,7 @@ end $$;`,
 drop index concurrently if exists big_idx;
 create index concurrently big_idx on big (slow_key(i));`,
 	})
-	key := lockKey(t, dir, "slow")
+	key := lockKey(t, dbURL, dir, "slow")
 	conn := connect(t, dbURL)
 	rs := map[string]*replica{}
 	for _, name := range []string{"i1", "i2"} {
@@ -446,7 +446,7 @@ func gatedApplier(t *testing.T, name, dbURL, dir string, gate *pgx.Conn) *replic
 	t.Helper()
 	r := startReplica(t, name, dbURL, dir)
 	eventually(t, "replica "+name+" ready", 60*time.Second, r.ready)
-	if h := waitForHolder(t, gate, lockKey(t, dir, "slow"), "pg_advisory_xact_lock"); h.app != r.appName() {
+	if h := waitForHolder(t, gate, lockKey(t, dbURL, dir, "slow"), "pg_advisory_xact_lock"); h.app != r.appName() {
 		t.Fatalf("the slow lane is held by %s, want %s", h.app, r.appName())
 	}
 	return r
@@ -623,7 +623,7 @@ func TestFaultNoLostSignalAcrossServerRestart(t *testing.T) {
 	c := startCluster(t, pgcluster.Options{})
 	dbURL := c.ConnString("postgres")
 	dir := runsLanes(t)
-	key := lockKey(t, dir, "slow")
+	key := lockKey(t, dbURL, dir, "slow")
 	rs := []*replica{startReplica(t, "s1", dbURL, dir), startReplica(t, "s2", dbURL, dir)}
 	for _, r := range rs {
 		eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)
@@ -1213,7 +1213,7 @@ func TestFaultSigtermDuringSlowMigration(t *testing.T) {
 	serverSlots.reserve(t, 2)
 	dbURL := pgtest.NewDB(t)
 	dir := runsLanes(t)
-	key := lockKey(t, dir, "slow")
+	key := lockKey(t, dbURL, dir, "slow")
 	conn := connect(t, dbURL)
 	rs := map[string]*replica{}
 	for _, name := range []string{"t1", "t2"} {

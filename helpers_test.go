@@ -460,15 +460,15 @@ func scalar[T any](t *testing.T, conn *pgx.Conn, sql string, args ...any) T {
 	return v
 }
 
-// lockKey returns the advisory lock key of a lane of the migrations folder, as
-// (*migrator.Migrator).LockKey computes it.
-func lockKey(t *testing.T, dir, lane string) int64 {
+// lockKey returns the advisory lock key of a lane of the migrations folder in the database at
+// dbURL, as (*migrator.Migrator).LockKey computes it.
+func lockKey(t *testing.T, dbURL, dir, lane string) int64 {
 	t.Helper()
 	lanes, err := migrator.LanesFromFS(os.DirFS(dir), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cc, err := pgx.ParseConfig("")
+	cc, err := pgx.ParseConfig(dbURL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -476,7 +476,7 @@ func lockKey(t *testing.T, dir, lane string) int64 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	key, err := m.LockKey(lane)
+	key, err := m.LockKey(t.Context(), connect(t, dbURL), lane)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -472,7 +472,7 @@ func (r *Runtime) check(ctx context.Context, conn *pgx.Conn) error {
 		return conn.Ping(ctx)
 	}
 	for _, lane := range waiting {
-		key, err := r.m.LockKey(lane)
+		key, err := r.m.LockKey(ctx, conn, lane)
 		if err != nil {
 			return err
 		}

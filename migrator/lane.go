@@ -110,8 +110,9 @@ type Lane struct {
 	Mode Mode
 	// VersionTable is the tern-format version table of the lane, optionally schema-qualified
 	// ("schema.table"). Default: "lanes_<name>_version". Each part is quoted as an identifier.
-	// The lane's lock key is derived from this name as written: every binary sharing the
-	// database must spell it the same way ("t" and "public.t" are one table but two locks).
+	// Each session resolves the name to one schema-qualified table (see Migrator.Migrate) and
+	// the lane's lock key is derived from that, so "t" and "public.t" are one table and one lock;
+	// two lanes resolving to the same table are refused.
 	VersionTable string
 	// FS holds the lane's files at its root: NNN_title.sql numbered from 1 with no gaps, and
 	// shared templates in subfolders, exactly as tern reads a folder. Nil when the lane has only
@@ -160,7 +161,8 @@ const upDownSeparator = "---- create above / drop below ----"
 // loadedLane is a validated lane with its migrations, ready to apply.
 type loadedLane struct {
 	Lane
-	table      tableName
+	index      int       // position in the Migrator's lanes
+	table      tableName // as configured; Migrate works on a copy holding the resolved name
 	migrations []*Migration
 }
 

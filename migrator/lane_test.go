@@ -137,12 +137,12 @@ func TestNewValidatesLanes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ka, _ := m.LockKey("a")
-	kb, _ := m.LockKey("b")
-	if ka == kb || ka == 9628173550095224 {
+	ka := m.lanes[0].lockKeys(resolvedTable{table: tableName{Schema: "public", Name: m.lanes[0].table.Name}})
+	kb := m.lanes[1].lockKeys(resolvedTable{table: tableName{Schema: "public", Name: m.lanes[1].table.Name}})
+	if len(ka) != 2 || len(kb) != 2 || ka[0] == kb[0] || ka[1] == kb[1] || ka[0] == 9628173550095224 || ka[1] == 9628173550095224 {
 		t.Fatalf("lock keys must differ per lane and from tern's: %d %d", ka, kb)
 	}
-	if _, err := m.LockKey("c"); !errors.Is(err, ErrUnknownLane) {
+	if _, err := m.LockKey(context.Background(), nil, "c"); !errors.Is(err, ErrUnknownLane) {
 		t.Fatalf("LockKey(c) = %v", err)
 	}
 }

@@ -119,6 +119,7 @@ func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error
 		if err != nil {
 			return nil, err
 		}
+		l.index = len(m.lanes)
 		if _, dup := m.byName[l.Name]; dup {
 			return nil, &LoadError{Lane: l.Name, Err: errors.New("lane listed twice")}
 		}
@@ -166,13 +167,21 @@ func (m *Migrator) Lane(name string) (LaneInfo, bool) {
 }
 
 // LockKey returns the key of the lane's session-level advisory lock, for operators who want to
-// see who holds it (pg_locks: classid = key>>32, objid = key&0xffffffff, objsubid = 1).
-func (m *Migrator) LockKey(lane string) (int64, error) {
+// see who holds it (pg_locks: classid = key>>32, objid = key&0xffffffff, objsubid = 1). The key
+// is derived from the lane's version table as resolved by the session q (schema-qualified, see
+// Migrate), so it costs one query. A lane whose version table is configured without the schema
+// it resolves to is also locked with the key of the name as configured, the only key of earlier
+// releases; an applier holds both.
+func (m *Migrator) LockKey(ctx context.Context, q Querier, lane string) (int64, error) {
 	l, ok := m.byName[lane]
 	if !ok {
 		return 0, fmt.Errorf("lane %q: %w", lane, ErrUnknownLane)
 	}
-	return l.table.lockKey(), nil
+	tables, _, err := m.resolveTables(ctx, q)
+	if err != nil {
+		return 0, err
+	}
+	return tables[l.index].table.lockKey(), nil
 }
 
 // Channel returns the NOTIFY channel.
@@ -192,9 +201,14 @@ type Result struct {
 }
 
 // Migrate applies the pending migrations of the lane, waiting for the lane's lock while another
-// session holds it. It first reads the lane's version without any lock and returns at once when
-// nothing is pending; while waiting for the lock it re-reads the version, so it also returns as
-// soon as the holder has applied everything. A database ahead of this binary is not an error:
+// session holds it. It first resolves the lanes' version tables for its connection to
+// schema-qualified names (one query; two lanes resolving to one table are an error, and nothing
+// runs) and reads the lane's version from that table without any lock, returning at once when
+// nothing is pending; the lock (keyed by the resolved name), the creation of a missing version
+// table and every write then use the same table. A missing version table while the history table
+// records migrations of the lane as applied is an error naming both tables. While waiting for
+// the lock it re-reads the version, so it also returns as soon as the holder has applied
+// everything. A database ahead of this binary is not an error:
 // Result.Ahead is set and a warning logged.
 //
 // Each migration and its version bump commit in one transaction (disable-tx migrations run
@@ -240,6 +254,17 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	}
 	res = Result{Lane: name, Latest: l.latest()}
 
+	// Resolve the lane's version table once for this connection: every read, the creation, the
+	// lock and every write below use the same schema-qualified table.
+	tables, _, err := m.resolveTables(ctx, conn)
+	if err != nil {
+		return res, fmt.Errorf("lane %q: %w", name, err)
+	}
+	resolved := tables[l.index]
+	lane := *l
+	lane.table = resolved.table
+	l = &lane
+
 	done := func(v int32) (Result, error) {
 		res.To, res.Ahead = v, v > l.latest()
 		if res.Ahead {
@@ -257,7 +282,7 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 		return done(v)
 	}
 
-	lock := &laneLock{conn: conn, key: l.table.lockKey()}
+	lock := &laneLock{conn: conn, keys: m.byName[name].lockKeys(resolved)}
 	for {
 		got, err := lock.tryLock(ctx)
 		if err != nil {
@@ -297,10 +322,10 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 		}
 	}()
 
-	if err := ensureVersionTable(ctx, conn, l.table); err != nil {
+	if err := ensureHistoryTable(ctx, conn, m.history); err != nil {
 		return res, fmt.Errorf("lane %q: %w", name, err)
 	}
-	if err := ensureHistoryTable(ctx, conn, m.history); err != nil {
+	if err := ensureVersionTable(ctx, conn, name, l.table, m.history); err != nil {
 		return res, fmt.Errorf("lane %q: %w", name, err)
 	}
 	if v, err = readVersion(ctx, conn, l.table); err != nil {

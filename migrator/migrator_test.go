@@ -128,7 +128,7 @@ func TestUpToDateLaneTakesNoLock(t *testing.T) {
 	if _, err := m.Migrate(ctx, "fast"); err != nil {
 		t.Fatal(err)
 	}
-	key, _ := m.LockKey("fast")
+	key, _ := m.LockKey(ctx, conn, "fast")
 	if _, err := conn.Exec(ctx, "select pg_advisory_lock($1)", key); err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +146,7 @@ func TestLanesHaveSeparateLocks(t *testing.T) {
 	m := newMigrator(t, cc,
 		migrator.Lane{Name: "fast", FS: twoFiles},
 		migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_b.sql": file("create table b (i int);")}})
-	slowKey, _ := m.LockKey("slow")
+	slowKey, _ := m.LockKey(ctx, conn, "slow")
 	// Another session holds the slow lane's lock and tern's own constant lock.
 	if _, err := conn.Exec(ctx, "select pg_advisory_lock($1), pg_advisory_lock(9628173550095224)", slowKey); err != nil {
 		t.Fatal(err)
@@ -419,7 +419,7 @@ func TestCancelRollsBackAndReleasesLock(t *testing.T) {
 	// of a statement, pgx breaks the connection after 5 s instead, and the server then ends the
 	// session (and its lock) within client_connection_check_interval. Either way the lock is
 	// released and the transaction rolled back, within a bounded time.
-	key, _ := m.LockKey("slow")
+	key, _ := m.LockKey(ctx, conn, "slow")
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		var free bool
@@ -626,5 +626,55 @@ func TestErrorWithoutPositionNamesTheStatement(t *testing.T) {
 	}
 	if n := queryInt(t, conn, "select count(*) from pg_tables where tablename = 'u'"); n != 0 {
 		t.Fatal("the failed migration or its replay left the table")
+	}
+}
+
+// Two lanes whose version tables are one table ("t" and "public.t") are refused before anything
+// runs: nothing is created, and the error names both lanes.
+func TestLanesSharingAVersionTableAreRefused(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	m := newMigrator(t, cc,
+		migrator.Lane{Name: "fast", VersionTable: "shared_version", FS: twoFiles},
+		migrator.Lane{Name: "slow", Mode: migrator.Background, VersionTable: "public.shared_version", FS: fstest.MapFS{"001_b.sql": file("create table b (i int);")}})
+	for _, lane := range []string{"fast", "slow"} {
+		_, err := m.Migrate(ctx, lane)
+		if err == nil || !strings.Contains(err.Error(), `"fast"`) || !strings.Contains(err.Error(), `"slow"`) || !strings.Contains(err.Error(), "public.shared_version") {
+			t.Fatalf("Migrate(%s) = %v, want an error naming both lanes and the table", lane, err)
+		}
+	}
+	if _, err := m.Status(ctx, conn); err == nil {
+		t.Fatal("Status accepted two lanes sharing a version table")
+	}
+	if n := queryInt(t, conn, "select count(*) from pg_class where relname in ('shared_version', 'a', 'b', 'lanes_history')"); n != 0 {
+		t.Fatalf("%d tables created although the lanes were refused", n)
+	}
+}
+
+// A dropped version table is not version 0 while the history records the lane's migrations as
+// applied: Migrate refuses, naming both tables, and applies nothing again.
+func TestMissingVersionTableWithHistoryIsRefused(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	m := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: twoFiles})
+	if _, err := m.Migrate(ctx, "fast"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, "drop table lanes_fast_version; drop table a"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := m.Migrate(ctx, "fast")
+	if err == nil || !strings.Contains(err.Error(), "lanes_fast_version") || !strings.Contains(err.Error(), "lanes_history") {
+		t.Fatalf("err = %v, want a refusal naming both tables", err)
+	}
+	if n := queryInt(t, conn, "select count(*) from pg_class where relname in ('lanes_fast_version', 'a')"); n != 0 {
+		t.Fatal("migration 1 was applied again")
+	}
+	// Status names the qualified version table.
+	st, err := m.Status(ctx, conn)
+	if err != nil || st[0].VersionTable != "public.lanes_fast_version" {
+		t.Fatalf("status = %+v, %v", st, err)
 	}
 }

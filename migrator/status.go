@@ -42,9 +42,9 @@ type Failure struct {
 type LaneStatus struct {
 	Name         string   `json:"name"`
 	Mode         string   `json:"mode"`
-	VersionTable string   `json:"version_table"`
-	Version      int32    `json:"version"` // applied version, 0 when the version table does not exist
-	Latest       int32    `json:"latest"`  // highest version known to this binary
+	VersionTable string   `json:"version_table"` // schema-qualified, as resolved by the session that read it
+	Version      int32    `json:"version"`       // applied version, 0 when the version table does not exist
+	Latest       int32    `json:"latest"`        // highest version known to this binary
 	State        State    `json:"state"`
 	Error        string   `json:"error"` // the last failed attempt's error while the lane is not past it; "" otherwise
 	Failure      *Failure `json:"failure,omitempty"`
@@ -55,36 +55,25 @@ type LaneStatus struct {
 // Done reports whether every migration known to this binary is applied.
 func (s LaneStatus) Done() bool { return s.Version >= s.Latest }
 
-// Status reads every lane's state without taking any lock. It costs two round trips.
+// Status reads every lane's state without taking any lock. It costs two round trips: the lanes'
+// version tables resolved to schema-qualified names (an error when two lanes resolve to the same
+// table), then one query over them.
 func (m *Migrator) Status(ctx context.Context, q Querier) ([]LaneStatus, error) {
 	return m.status.run(ctx, q)
 }
 
 // statusQuery reads every lane's state: which tables exist, then one union query over them.
 type statusQuery struct {
-	m      *Migrator
-	tables []string // quoted version tables, then the history table
+	m *Migrator
 }
 
-func newStatusQuery(m *Migrator) statusQuery {
-	s := statusQuery{m: m}
-	for _, l := range m.lanes {
-		s.tables = append(s.tables, l.table.Quoted())
-	}
-	s.tables = append(s.tables, m.history.Quoted())
-	return s
-}
+func newStatusQuery(m *Migrator) statusQuery { return statusQuery{m: m} }
 
 func (s statusQuery) run(ctx context.Context, q Querier) ([]LaneStatus, error) {
-	rows, err := q.Query(ctx, "select to_regclass(t) is not null from unnest($1::text[]) with ordinality u(t, i) order by i", s.tables)
+	tables, historyExists, err := s.m.resolveTables(ctx, q)
 	if err != nil {
-		return nil, fmt.Errorf("look up version tables: %w", err)
+		return nil, err
 	}
-	exists, err := pgx.CollectRows(rows, pgx.RowTo[bool])
-	if err != nil {
-		return nil, fmt.Errorf("look up version tables: %w", err)
-	}
-	historyExists := exists[len(exists)-1]
 
 	var b strings.Builder
 	for i, l := range s.m.lanes {
@@ -92,14 +81,17 @@ func (s statusQuery) run(ctx context.Context, q Querier) ([]LaneStatus, error) {
 			b.WriteString("\nunion all\n")
 		}
 		version := "0"
-		if exists[i] {
-			version = "(select max(version) from " + l.table.Quoted() + ")"
+		if tables[i].exists {
+			version = "(select max(version) from " + tables[i].table.Quoted() + ")"
 		}
-		key := l.table.lockKey()
+		var held []string
+		for _, key := range l.lockKeys(tables[i]) {
+			held = append(held, fmt.Sprintf("(%d, %d)", uint32(uint64(key)>>32), uint32(uint64(key))))
+		}
 		fmt.Fprintf(&b, `select %d, coalesce(%s, 0),
   exists (select 1 from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database())
-    and classid = %d and objid = %d and objsubid = 1 and granted)`,
-			i, version, uint32(uint64(key)>>32), uint32(uint64(key)))
+    and (classid::int8, objid::int8) in (%s) and objsubid = 1 and granted)`,
+			i, version, strings.Join(held, ", "))
 		if historyExists {
 			fmt.Fprintf(&b, `, h.version, h.name, h.error, h.sqlstate, h.statement, h.finished_at, h.checksum
 from (select 1) one left join lateral (select version, name, error, sqlstate, statement, finished_at, checksum from %s
@@ -108,7 +100,7 @@ from (select 1) one left join lateral (select version, name, error, sqlstate, st
 			b.WriteString(", null::int4, null::text, null::text, null::text, null::text, null::timestamptz, null::text")
 		}
 	}
-	rows, err = q.Query(ctx, b.String())
+	rows, err := q.Query(ctx, b.String())
 	if err != nil {
 		return nil, fmt.Errorf("read lane versions: %w", err)
 	}
@@ -127,7 +119,7 @@ from (select 1) one left join lateral (select version, name, error, sqlstate, st
 			return nil, fmt.Errorf("read lane versions: %w", err)
 		}
 		l := s.m.lanes[i]
-		st.Name, st.Mode, st.VersionTable, st.Latest = l.Name, l.Mode.String(), l.table.String(), l.latest()
+		st.Name, st.Mode, st.VersionTable, st.Latest = l.Name, l.Mode.String(), tables[i].table.String(), l.latest()
 		switch {
 		case st.Version > st.Latest:
 			st.State = StateAhead
