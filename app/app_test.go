@@ -571,3 +571,19 @@ func TestCloseDuringStart(t *testing.T) {
 		t.Fatalf("Start after Close = %v, ready %v; want an error and not ready", err, r.Ready())
 	}
 }
+
+// An empty lane (a folder holding only a .gitkeep) is done at once on every replica.
+func TestEmptyLaneIsDone(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	empty := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{".gitkeep": file("")}}
+	r := e.runtime(fastLane, empty)
+	if err := r.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if err := r.Wait(ctx, "slow"); err != nil || !r.IsDone("slow") || r.Version("slow") != 0 {
+		t.Fatalf("Wait = %v, done %v, version %d", err, r.IsDone("slow"), r.Version("slow"))
+	}
+}

@@ -168,6 +168,21 @@ type loadedLane struct {
 
 func (l *loadedLane) latest() int32 { return int32(len(l.migrations)) }
 
+// onlyHiddenFiles reports whether fsys's root holds nothing but hidden files, such as the
+// .gitkeep that keeps an empty folder in git.
+func onlyHiddenFiles(fsys fs.FS) bool {
+	entries, err := fs.ReadDir(fsys, ".")
+	if err != nil {
+		return false
+	}
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), ".") {
+			return false
+		}
+	}
+	return true
+}
+
 // loadLane validates spec and loads its migrations. It touches no database.
 func loadLane(spec Lane) (*loadedLane, error) {
 	if !laneNamePattern.MatchString(spec.Name) {
@@ -241,7 +256,12 @@ func loadLane(spec Lane) (*loadedLane, error) {
 		owner[g.Version], funcs[g.Version] = name, g
 	}
 	if len(owner) == 0 {
-		return nil, &LoadError{Lane: spec.Name, Err: errors.New("lane has no migrations")}
+		// A folder kept in git by a .gitkeep (hidden files only) is an empty lane: done at
+		// version 0. A folder with other files but no migration is more likely a mistake.
+		if spec.FS == nil || !onlyHiddenFiles(spec.FS) {
+			return nil, &LoadError{Lane: spec.Name, Err: errors.New("lane has no migrations (a lane kept empty on purpose holds only a .gitkeep)")}
+		}
+		return l, nil
 	}
 	versions := make([]int32, 0, len(owner))
 	for v := range owner {

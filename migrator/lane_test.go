@@ -76,6 +76,7 @@ func TestLoadLaneErrors(t *testing.T) {
 		{"bad name", Lane{Name: "fast", FS: fstest.MapFS{"001-a.sql": file("select 1")}}, "001-a.sql", "NNN_title.sql"},
 		{"empty", Lane{Name: "fast", FS: fstest.MapFS{"README": file("x")}}, "", "no migrations"},
 		{"nil fs", Lane{Name: "fast"}, "", "no migrations"},
+		{"gitkeep and a file", Lane{Name: "fast", FS: fstest.MapFS{".gitkeep": file(""), "notes.txt": file("x")}}, "", "no migrations"},
 		{"template", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select {{ .missing.deeper }}")}}, "001_a.sql", "template"},
 		{"template syntax", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select {{ if }}")}}, "001_a.sql", ""},
 		{"utf8", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select '\xff\xfe'")}}, "001_a.sql", "UTF-8"},

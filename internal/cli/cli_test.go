@@ -674,3 +674,22 @@ func TestDurationsWithUnits(t *testing.T) {
 		}
 	}
 }
+
+// A lane folder kept in git by a .gitkeep only is an empty lane: done at version 0, not an error.
+func TestGitkeepFolderIsAnEmptyLane(t *testing.T) {
+	t.Parallel()
+	vars := dbVars(t, map[string]string{
+		"fast/001_create.sql": "create table things (id int primary key);",
+		"slow/.gitkeep":       "",
+	})
+	if res := runCLI(t, vars, "migrate"); res.code != ExitOK {
+		t.Fatalf("migrate: %v", res)
+	}
+	lanes := statusOf(t, vars)
+	if len(lanes) != 2 || lanes[1].Name != "slow" || lanes[1].Latest != 0 || lanes[1].Version != 0 || lanes[1].State != migrator.StateDone {
+		t.Fatalf("status: %+v", lanes)
+	}
+	if res := runCLI(t, vars, "wait", "--lane", "slow", "--timeout", "10s"); res.code != ExitOK {
+		t.Fatalf("wait on an empty lane: %v", res)
+	}
+}
