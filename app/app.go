@@ -295,6 +295,10 @@ type KnownLane struct {
 	Role    string     `json:"role,omitempty"`    // applying: this replica holds the lane; waiting: another does
 	Via     string     `json:"via,omitempty"`     // how it learned the lane was done: applied, notification, connect, poll, check
 	DoneAt  *time.Time `json:"done_at,omitempty"` // when it learned it
+	Paused  bool       `json:"paused"`            // an operator paused the lane
+	// Progress is the running batched migration's progress, from the applier's announcements
+	// (at most a second old while they arrive) or the last read; nil while none runs.
+	Progress *migrator.Progress `json:"progress"`
 }
 
 // View returns what this replica knows, without any query.
@@ -304,7 +308,7 @@ func (r *Runtime) View() ReplicaView {
 	defer r.mu.Unlock()
 	for _, l := range r.lanes {
 		s := r.state[l.Name]
-		k := KnownLane{Name: l.Name, Version: s.status.Version, Done: s.status.Done(), Role: s.role, Via: s.via}
+		k := KnownLane{Name: l.Name, Version: s.status.Version, Done: s.status.Done(), Role: s.role, Via: s.via, Paused: s.status.Paused, Progress: s.status.Progress}
 		if !s.doneAt.IsZero() {
 			at := s.doneAt
 			k.DoneAt = &at
@@ -347,12 +351,16 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 		via = "notification"
 		r.log.Debug().Str("lane", ev.Lane).Int32("version", ev.Version).Msg("notification received")
 		_, known := r.state[ev.Lane] // the map itself never changes after New
+		if known && ev.Progress != nil {
+			r.setProgress(ev) // a hint, kept as such: no query
+			return nil
+		}
 		if known && ev.Released {
 			// The applying session stopped and released the lock: waiting replicas try it now.
 			// A spoofed hint costs only that try.
 			r.setLocked(ev.Lane, false, via)
 		}
-		if known && ev.Error == "" {
+		if known && ev.Error == "" && ev.Control == "" {
 			// A migration committed: only that lane's version changed. Re-read just it (one
 			// short statement) rather than the full status, whose pg_locks scans cost
 			// O(max_connections) and run on every replica at the same moment.
@@ -434,7 +442,10 @@ func (r *Runtime) updateLocked(lanes []migrator.LaneStatus, via string) {
 		if st.Version < s.status.Version {
 			st.Version = s.status.Version
 		}
-		if st.Version != s.status.Version || st.Error != s.status.Error || st.State != s.status.State || st.Locked != s.status.Locked {
+		if st.Progress != nil && st.Progress.Version <= st.Version {
+			st.Progress = nil // that migration has committed
+		}
+		if st.Version != s.status.Version || st.Error != s.status.Error || st.State != s.status.State || st.Locked != s.status.Locked || st.Paused != s.status.Paused {
 			changed = true
 		}
 		wasDone := s.status.Done()

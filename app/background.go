@@ -86,6 +86,19 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			}
 		case ctx.Err() != nil:
 			return ctx.Err()
+		case errors.Is(err, migrator.ErrPaused):
+			// An operator paused the lane: nothing runs until `lanes resume`, announced.
+			retries = 0
+			r.log.Info().Str("lane", l.Name).Msg("background lane paused; waiting for resume")
+			r.modify(l.Name, "check", func(st *migrator.LaneStatus) {
+				st.Paused, st.Locked = true, false
+				if st.State != migrator.StateDone && st.State != migrator.StateAhead {
+					st.State = migrator.StatePaused
+				}
+			})
+			if err := r.waitForResume(ctx, l.Name); err != nil {
+				return err
+			}
 		case errors.Is(err, migrator.ErrLocked):
 			// Another replica is applying the lane. Follow it through the listener; its periodic
 			// check tells when the lock is free (the holder died), and TakeoverInterval bounds

@@ -25,6 +25,11 @@ type Event struct {
 	// Released is set when the session applying the lane stopped before the end (it was
 	// cancelled, as on SIGTERM) and released the lane's lock: another replica may take over.
 	Released bool `json:"released,omitempty"`
+	// Progress is set on the progress announcements of a batched migration to Version.
+	Progress *ProgressHint `json:"progress,omitempty"`
+	// Control is set when an operator paused ("pause"), resumed ("resume") or cleared a
+	// failure of ("retry") the lane.
+	Control string `json:"control,omitempty"`
 }
 
 // ParseEvent decodes a notification payload. Payloads that are not an Event return an error.
@@ -56,6 +61,9 @@ func (e Event) payload() string {
 // apply runs one migration and records it: the SQL, the version bump, the history row and,
 // when due, the notification, all in one transaction unless the migration is disable-tx.
 func (m *Migrator) apply(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration, start time.Time) error {
+	if mig.batch != nil {
+		return m.applyBatched(ctx, conn, l, mig, start)
+	}
 	if mig.DisableTx {
 		if err := m.execute(ctx, conn, nil, mig); err != nil {
 			return err

@@ -88,6 +88,9 @@ type GoMigration struct {
 	// file; a short transaction then records it. A failure leaves whatever UpNoTx did, so it must
 	// be safe to run again. It must honour ctx.
 	UpNoTx ConnFunc
+	// Backfill, when set, makes the migration a batched walk in place of Up (leave Up and UpNoTx
+	// nil): each batch in its own transaction, resumable after any interruption.
+	Backfill *Backfill
 }
 
 // checksum returns the hex SHA-256 identifying the Go migration named name (NNN_name.go).
@@ -146,8 +149,13 @@ type Migration struct {
 	Checksum string
 
 	statements []statement
-	lineOffset int // lines trimmed from the top of the file before the up SQL
+	lineOffset int        // lines trimmed from the top of the file before the up SQL
+	batch      *batchSpec // a batched migration: SQL directive or Go Backfill
 }
+
+// Batched reports whether the migration runs in batches (a `---- lanes: batch ... ----` file
+// or a Go migration with a Backfill).
+func (m *Migration) Batched() bool { return m.batch != nil }
 
 var (
 	laneNamePattern = regexp.MustCompile(`\A[a-z][a-z0-9_]{0,39}\z`)
@@ -245,10 +253,12 @@ func loadLane(spec Lane) (*loadedLane, error) {
 			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("migration numbers start at 1")}
 		case !goNamePattern.MatchString(g.Name):
 			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("go migration names use letters, digits and underscores")}
-		case g.Up == nil && g.UpNoTx == nil:
-			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("go migration has no Up function (set Up, or UpNoTx to run outside a transaction)")}
+		case g.Up == nil && g.UpNoTx == nil && g.Backfill == nil:
+			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("go migration has no Up function (set Up, or UpNoTx to run outside a transaction, or Backfill)")}
 		case g.Up != nil && g.UpNoTx != nil:
 			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("go migration sets both Up and UpNoTx: set one")}
+		case g.Backfill != nil && (g.Up != nil || g.UpNoTx != nil):
+			return nil, &LoadError{Lane: spec.Name, File: name, Err: errors.New("go migration has both Up and Backfill: set one")}
 		}
 		if prev, ok := owner[g.Version]; ok {
 			return nil, &LoadError{Lane: spec.Name, File: name, Err: fmt.Errorf("duplicate migration %d (also %s)", g.Version, prev)}
@@ -280,8 +290,14 @@ func loadLane(spec Lane) (*loadedLane, error) {
 	}
 	for _, v := range versions {
 		if g, ok := funcs[v]; ok {
-			l.migrations = append(l.migrations, &Migration{Lane: spec.Name, Version: v, Name: owner[v],
-				Func: g.Up, FuncNoTx: g.UpNoTx, DisableTx: g.UpNoTx != nil, Checksum: g.checksum(owner[v])})
+			gm := &Migration{Lane: spec.Name, Version: v, Name: owner[v],
+				Func: g.Up, FuncNoTx: g.UpNoTx, DisableTx: g.UpNoTx != nil, Checksum: g.checksum(owner[v])}
+			if g.Backfill != nil {
+				if gm.batch, err = goBatchSpec(g.Backfill); err != nil {
+					return nil, &LoadError{Lane: spec.Name, File: owner[v], Err: err}
+				}
+			}
+			l.migrations = append(l.migrations, gm)
 			continue
 		}
 		mig := rendered[v]
@@ -291,6 +307,9 @@ func loadLane(spec Lane) (*loadedLane, error) {
 		mig.statements = splitStatements(mig.SQL)
 		if len(mig.statements) == 0 {
 			return nil, &LoadError{Lane: spec.Name, File: mig.Name, Err: errors.New("no SQL statement above the down separator")}
+		}
+		if mig.batch, err = parseBatchDirective(mig); err != nil {
+			return nil, &LoadError{Lane: spec.Name, File: mig.Name, Err: err}
 		}
 		l.migrations = append(l.migrations, mig)
 	}

@@ -43,6 +43,8 @@ type Config struct {
 	// since they were applied (their checksum in the history table differs). Default: false,
 	// Migrate returns a *DriftError naming the files.
 	AllowDrift bool
+	// Batch tunes batched migrations (see BatchConfig for the defaults).
+	Batch BatchConfig
 }
 
 // Migrator applies lanes of migrations to one database. Each lane has its own version table
@@ -61,7 +63,8 @@ type Migrator struct {
 	pid        int32
 	appName    string
 	status     statusQuery
-	userSet    []string // runtime parameters of the connection configuration, lower-cased
+	sideSeen   atomic.Bool // the progress and control tables were seen to exist
+	userSet    []string    // runtime parameters of the connection configuration, lower-cased
 
 	warnOld, warnSet sync.Once   // each said once per Migrator (see noDeadClientCheck)
 	setFailed        atomic.Bool // the server refused the session settings once
@@ -96,6 +99,7 @@ func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	cfg.Batch.setDefaults()
 	history, err := parseTableName(cfg.HistoryTable)
 	if err != nil {
 		return nil, fmt.Errorf("migrator: history table: %w", err)
@@ -328,6 +332,9 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	if err := ensureVersionTable(ctx, conn, name, l.table, m.history); err != nil {
 		return res, fmt.Errorf("lane %q: %w", name, err)
 	}
+	if err := m.ensureSideTables(ctx, conn); err != nil {
+		return res, fmt.Errorf("lane %q: %w", name, err)
+	}
 	if v, err = readVersion(ctx, conn, l.table); err != nil {
 		return res, fmt.Errorf("lane %q: %w", name, err)
 	}
@@ -337,6 +344,11 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	}
 	if v < 0 {
 		return res, fmt.Errorf("lane %q: version table %s holds version %d", name, l.table, v)
+	}
+	if paused, err := m.isPaused(ctx, conn, name); err != nil {
+		return res, err
+	} else if paused {
+		return res, fmt.Errorf("lane %q: %w", name, ErrPaused)
 	}
 	if !wait {
 		if err := m.failedBefore(ctx, conn, l, l.migrations[v]); err != nil {
@@ -356,6 +368,10 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 		mig := l.migrations[v]
 		start := m.cfg.Now()
 		if err := m.apply(ctx, conn, l, mig, start); err != nil {
+			if errors.Is(err, ErrPaused) {
+				res.To = v
+				return res, err
+			}
 			failure = m.recordFailure(ctx, conn, l, mig, start, err)
 			res.To = v
 			return res, err
@@ -402,7 +418,7 @@ func (m *Migrator) failedBefore(ctx context.Context, conn *pgx.Conn, l *loadedLa
 		msg, sqlstate *string
 	)
 	err := conn.QueryRow(ctx, "select version, checksum, error, sqlstate from "+m.history.Quoted()+
-		" where lane = $1 order by id desc limit 1", l.Name).Scan(&version, &checksum, &msg, &sqlstate)
+		" where lane = $1 and id > coalesce((select retry_from from "+m.controlTable().Quoted()+" where lane = $1), 0) order by id desc limit 1", l.Name).Scan(&version, &checksum, &msg, &sqlstate)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil
 	}

@@ -25,6 +25,8 @@ const (
 	StateFailed  State = "failed"  // the last attempt failed; see LaneStatus.Error
 	StateDone    State = "done"    // every migration known to this binary is applied
 	StateAhead   State = "ahead"   // done, and the database knows migrations this binary does not
+	StatePaused  State = "paused"  // an operator paused the lane (Migrator.Pause); nothing runs
+	StatePausing State = "pausing" // paused, and the applier has not reached its next batch boundary yet
 )
 
 // Failure is the last failed attempt of a lane, from the history table.
@@ -50,14 +52,18 @@ type LaneStatus struct {
 	Failure      *Failure `json:"failure,omitempty"`
 	Locked       bool     `json:"locked"`          // a session holds the lane's lock
 	Drift        []string `json:"drift,omitempty"` // applied files changed since (filled by AddDrift)
+	Paused       bool     `json:"paused"`          // an operator paused the lane (Migrator.Pause)
+	// Progress is the running batched migration's durable progress; nil while none runs.
+	Progress *Progress `json:"progress"`
 }
 
 // Done reports whether every migration known to this binary is applied.
 func (s LaneStatus) Done() bool { return s.Version >= s.Latest }
 
-// Status reads every lane's state without taking any lock. It costs two round trips: the lanes'
+// Status reads every lane's state without taking any lock. It costs three round trips: the lanes'
 // version tables resolved to schema-qualified names (an error when two lanes resolve to the same
-// table), then one query over them.
+// table), then one query over them, then
+// one over the progress and control tables (once they exist).
 func (m *Migrator) Status(ctx context.Context, q Querier) ([]LaneStatus, error) {
 	return m.status.run(ctx, q)
 }
@@ -93,11 +99,11 @@ func (s statusQuery) run(ctx context.Context, q Querier) ([]LaneStatus, error) {
     and (classid::int8, objid::int8) in (%s) and objsubid = 1 and granted)`,
 			i, version, strings.Join(held, ", "))
 		if historyExists {
-			fmt.Fprintf(&b, `, h.version, h.name, h.error, h.sqlstate, h.statement, h.finished_at, h.checksum
-from (select 1) one left join lateral (select version, name, error, sqlstate, statement, finished_at, checksum from %s
+			fmt.Fprintf(&b, `, h.version, h.name, h.error, h.sqlstate, h.statement, h.finished_at, h.checksum, h.id
+from (select 1) one left join lateral (select version, name, error, sqlstate, statement, finished_at, checksum, id from %s
   where lane = '%s' order by id desc limit 1) h on true`, s.m.history.Quoted(), l.Name)
 		} else {
-			b.WriteString(", null::int4, null::text, null::text, null::text, null::text, null::timestamptz, null::text")
+			b.WriteString(", null::int4, null::text, null::text, null::text, null::text, null::timestamptz, null::text, null::int8")
 		}
 	}
 	rows, err := q.Query(ctx, b.String())
@@ -106,6 +112,7 @@ from (select 1) one left join lateral (select version, name, error, sqlstate, st
 	}
 	defer rows.Close()
 	out := make([]LaneStatus, len(s.m.lanes))
+	historyIDs := map[string]int64{}
 	for rows.Next() {
 		var (
 			i                   int
@@ -114,11 +121,15 @@ from (select 1) one left join lateral (select version, name, error, sqlstate, st
 			hName, hErr, hState *string
 			hStatement, hSum    *string
 			hAt                 *time.Time
+			hID                 *int64
 		)
-		if err := rows.Scan(&i, &st.Version, &st.Locked, &hVersion, &hName, &hErr, &hState, &hStatement, &hAt, &hSum); err != nil {
+		if err := rows.Scan(&i, &st.Version, &st.Locked, &hVersion, &hName, &hErr, &hState, &hStatement, &hAt, &hSum, &hID); err != nil {
 			return nil, fmt.Errorf("read lane versions: %w", err)
 		}
 		l := s.m.lanes[i]
+		if hID != nil {
+			historyIDs[l.Name] = *hID
+		}
 		st.Name, st.Mode, st.VersionTable, st.Latest = l.Name, l.Mode.String(), tables[i].table.String(), l.latest()
 		switch {
 		case st.Version > st.Latest:
@@ -145,6 +156,12 @@ from (select 1) one left join lateral (select version, name, error, sqlstate, st
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("read lane versions: %w", err)
 	}
+	rows.Close()
+	extras, err := s.m.readExtras(ctx, q)
+	if err != nil {
+		return nil, err
+	}
+	applyExtras(out, extras, historyIDs)
 	return out, nil
 }
 
