@@ -35,7 +35,16 @@ type Config struct {
 	RetryMin, RetryMax time.Duration
 	// Now returns the time recorded when this replica learns a lane is done. Default: time.Now.
 	Now func() time.Time
+	// CloseTimeout bounds how long Close waits for what it cancels: a Start still applying the
+	// blocking lanes and the background lanes' goroutines. A migration that honours its context
+	// stops at once (its transaction rolls back, its lane lock is released); one that ignores
+	// it (a Go migration in a loop) is left behind after CloseTimeout, and Close returns an
+	// error saying so, so that a SIGTERM never hangs. Default: 15s.
+	CloseTimeout time.Duration
 }
+
+// ErrClosed is returned (wrapped) by Start when Close ran before or during it.
+var ErrClosed = errors.New("app: runtime closed")
 
 // Runtime is what a service embeds: Start applies the blocking lanes and returns once the
 // replica may serve; background lanes are then applied by whichever replica wins each lane's
@@ -50,14 +59,18 @@ type Runtime struct {
 	listener *notifier.Listener
 	pool     *pgxpool.Pool
 
-	mu      sync.Mutex
-	state   map[string]*laneState
-	changed chan struct{} // closed and replaced on every state change
-	ready   bool
-	started bool
-	closed  bool
-	cancel  context.CancelFunc
-	wg      sync.WaitGroup
+	mu          sync.Mutex
+	state       map[string]*laneState
+	changed     chan struct{} // closed and replaced on every state change
+	ready       bool
+	started     bool
+	closed      bool
+	startCancel context.CancelFunc // cancels a Start in progress
+	starting    chan struct{}      // closed when Start returns
+	cancel      context.CancelFunc // cancels the background goroutine
+	wg          sync.WaitGroup
+	closeDone   chan struct{} // closed when the first Close returns
+	closeErr    error
 }
 
 type laneState struct {
@@ -83,10 +96,13 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.CloseTimeout <= 0 {
+		cfg.CloseTimeout = 15 * time.Second
+	}
 	if cfg.RetryMax < cfg.RetryMin {
 		cfg.RetryMax = max(time.Minute, cfg.RetryMin)
 	}
-	r := &Runtime{m: m, cfg: cfg, log: cfg.Logger, lanes: m.Lanes(), state: map[string]*laneState{}, changed: make(chan struct{})}
+	r := &Runtime{m: m, cfg: cfg, log: cfg.Logger, lanes: m.Lanes(), state: map[string]*laneState{}, changed: make(chan struct{}), closeDone: make(chan struct{})}
 	for _, l := range r.lanes {
 		r.state[l.Name] = &laneState{
 			status: migrator.LaneStatus{Name: l.Name, Mode: l.Mode.String(), VersionTable: l.VersionTable, Latest: l.Latest, State: migrator.StatePending},
@@ -121,17 +137,41 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 // can slip between the read and the LISTEN), then applies the blocking lanes in order, waiting
 // for another replica that holds a lane's lock; then it starts applying the background lanes
 // in goroutines the Runtime owns and returns. It returns an error, and leaves nothing running,
-// when the database cannot be reached or a blocking lane fails. Start may be called once.
+// when the database cannot be reached or a blocking lane fails. Close during Start cancels it:
+// Start then returns an error wrapping ErrClosed. Start may be called once.
 func (r *Runtime) Start(ctx context.Context) error {
 	r.mu.Lock()
-	if r.started || r.closed {
+	switch {
+	case r.closed:
 		r.mu.Unlock()
-		return errors.New("app: Start called twice or after Close")
+		return fmt.Errorf("app: start: %w", ErrClosed)
+	case r.started:
+		r.mu.Unlock()
+		return errors.New("app: Start called twice")
 	}
 	r.started = true
+	sctx, scancel := context.WithCancel(ctx)
+	starting := make(chan struct{})
+	r.startCancel, r.starting = scancel, starting
 	r.mu.Unlock()
+	defer close(starting)
+	defer scancel()
 
-	if err := r.listener.Start(ctx); err != nil {
+	err := r.start(sctx, ctx)
+	if err != nil {
+		r.listener.Stop()
+		if r.isClosed() {
+			return fmt.Errorf("app: start interrupted by Close: %w", errors.Join(ErrClosed, err))
+		}
+		return err
+	}
+	return nil
+}
+
+// start is Start's work on sctx, which Close cancels; ctx is the caller's, whose values the
+// background goroutine keeps.
+func (r *Runtime) start(sctx, ctx context.Context) error {
+	if err := r.listener.Start(sctx); err != nil {
 		return fmt.Errorf("app: %w", err)
 	}
 	for _, l := range r.lanes {
@@ -141,9 +181,8 @@ func (r *Runtime) Start(ctx context.Context) error {
 		if st, _ := r.laneStatus(l.Name); st.Done() {
 			continue // the listener's first read, made after LISTEN, found it applied
 		}
-		res, err := r.m.Migrate(ctx, l.Name)
+		res, err := r.m.Migrate(sctx, l.Name)
 		if err != nil {
-			r.listener.Stop()
 			return fmt.Errorf("app: blocking %w", err)
 		}
 		r.applied(res)
@@ -153,7 +192,6 @@ func (r *Runtime) Start(ctx context.Context) error {
 	if r.closed { // Close ran while the blocking lanes were applied: start nothing
 		r.mu.Unlock()
 		cancel()
-		r.listener.Stop()
 		return errors.New("app: closed while starting")
 	}
 	r.ready, r.cancel = true, cancel
@@ -167,27 +205,74 @@ func (r *Runtime) Start(ctx context.Context) error {
 	return nil
 }
 
-// Close stops the background lanes (a running migration is cancelled: its transaction rolls back
-// and its lane lock is released) and the listener, and waits for every goroutine the Runtime
-// started. It is idempotent.
+func (r *Runtime) isClosed() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.closed
+}
+
+// Close stops the Runtime: it cancels a Start still applying the blocking lanes and the
+// background lanes (a running migration is cancelled: its transaction rolls back and its lane
+// lock is released), waits for them at most CloseTimeout, then stops the listener and closes
+// the pool. It returns an error when something did not stop within CloseTimeout (a migration
+// that ignores its context keeps running in its goroutine until it returns; nothing else is
+// started after it). It is idempotent: later calls wait for the first and return its result.
 func (r *Runtime) Close() error {
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
-		return nil
+		<-r.closeDone
+		return r.closeErr
 	}
 	r.closed = true
-	cancel := r.cancel
+	startCancel, starting, cancel := r.startCancel, r.starting, r.cancel
 	r.mu.Unlock()
+	defer close(r.closeDone)
+	if startCancel != nil {
+		startCancel()
+	}
 	if cancel != nil {
 		cancel()
 	}
-	r.wg.Wait()
+	stopped := make(chan struct{})
+	go func() {
+		if starting != nil {
+			<-starting
+		}
+		// Start has returned: the background goroutine is either started (and its cancel
+		// set) or never will be.
+		r.mu.Lock()
+		cancel := r.cancel
+		r.mu.Unlock()
+		if cancel != nil {
+			cancel()
+		}
+		r.wg.Wait()
+		close(stopped)
+	}()
+	var errs []error
+	t := time.NewTimer(r.cfg.CloseTimeout)
+	defer t.Stop()
+	select {
+	case <-stopped:
+	case <-t.C:
+		what := "the background lanes"
+		select {
+		case <-starting:
+		default:
+			if starting != nil {
+				what = "Start (a blocking lane's migration)"
+			}
+		}
+		errs = append(errs, fmt.Errorf("app: close: %s still running after %s: a migration ignores its context; left behind", what, r.cfg.CloseTimeout))
+		r.log.Error().Dur("close_timeout", r.cfg.CloseTimeout).Msgf("close: %s still running; giving up waiting", what)
+	}
 	r.listener.Stop()
 	if r.pool != nil {
 		r.pool.Close()
 	}
-	return nil
+	r.closeErr = errors.Join(errs...)
+	return r.closeErr
 }
 
 // Ready reports whether the blocking lanes are applied.
@@ -206,15 +291,16 @@ func (r *Runtime) IsDone(lane string) bool {
 	return ok && s.status.Done()
 }
 
-// Done returns a channel closed once the lane is done. For an unknown lane the channel is never
-// closed.
-func (r *Runtime) Done(lane string) <-chan struct{} {
+// Done returns a channel closed once the lane is done, and an error wrapping
+// migrator.ErrUnknownLane for a lane the Migrator does not have.
+func (r *Runtime) Done(lane string) (<-chan struct{}, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if s, ok := r.state[lane]; ok {
-		return s.done
+	s, ok := r.state[lane]
+	if !ok {
+		return nil, fmt.Errorf("app: lane %q: %w", lane, migrator.ErrUnknownLane)
 	}
-	return make(chan struct{})
+	return s.done, nil
 }
 
 // Version returns the lane's applied version as last read from the database.

@@ -122,8 +122,12 @@ func (e *env) exec(sql string, args ...any) {
 
 func waitDone(t *testing.T, r *app.Runtime, lane string) {
 	t.Helper()
+	done, err := r.Done(lane)
+	if err != nil {
+		t.Fatal(err)
+	}
 	select {
-	case <-r.Done(lane):
+	case <-done:
 	case <-time.After(20 * time.Second):
 		t.Fatalf("lane %s never done (version %d)", lane, r.Version(lane))
 	}
@@ -460,8 +464,12 @@ func ExampleRuntime() {
 		panic(err)
 	}
 	fmt.Println("ready:", r.Ready())
+	done, err := r.Done("slow") // an error only for a lane the Migrator does not have
+	if err != nil {
+		panic(err)
+	}
 	select { // open the feature that needs the index once the slow lane is done
-	case <-r.Done("slow"):
+	case <-done:
 		fmt.Println("search by name enabled")
 	case <-time.After(30 * time.Second):
 		fmt.Println("still waiting")
@@ -585,5 +593,134 @@ func TestEmptyLaneIsDone(t *testing.T) {
 	defer cancel()
 	if err := r.Wait(ctx, "slow"); err != nil || !r.IsDone("slow") || r.Version("slow") != 0 {
 		t.Fatalf("Wait = %v, done %v, version %d", err, r.IsDone("slow"), r.Version("slow"))
+	}
+}
+
+// blockingGoLane is a lane of one Go migration that signals started, then waits for release,
+// honouring ctx only when obeysCtx.
+func blockingGoLane(name string, mode migrator.Mode, started chan<- struct{}, release <-chan struct{}, obeysCtx bool) migrator.Lane {
+	return migrator.Lane{Name: name, Mode: mode, Funcs: []migrator.GoMigration{{Version: 1, Name: "wait", Up: func(ctx context.Context, tx pgx.Tx) error {
+		close(started)
+		if !obeysCtx {
+			<-release
+			return nil
+		}
+		select {
+		case <-release:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}}}}
+}
+
+// Close while Start applies a blocking lane cancels Start (it returns ErrClosed once the
+// migration has rolled back) and waits for it: when Close returns, Start has returned, the lane
+// is not applied and its lock is free. Before, Close returned at once and Start kept waiting.
+func TestCloseCancelsAStartApplyingABlockingLane(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	started, release := make(chan struct{}), make(chan struct{})
+	defer close(release)
+	r := e.runtime(blockingGoLane("fast", migrator.Blocking, started, release, true))
+	errc := make(chan error, 1)
+	go func() { errc <- r.Start(context.Background()) }()
+	<-started
+	closed := make(chan error, 1)
+	go func() { closed <- r.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatalf("Close = %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	select {
+	case err := <-errc:
+		if !errors.Is(err, app.ErrClosed) {
+			t.Fatalf("Start = %v, want ErrClosed", err)
+		}
+	default:
+		t.Fatal("Close returned while Start was still running")
+	}
+	if r.Ready() || r.IsDone("fast") {
+		t.Fatal("ready or done after Close cancelled Start")
+	}
+	conn, err := pgx.ConnectConfig(context.Background(), e.cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	var version, locks int
+	if err := conn.QueryRow(context.Background(), "select coalesce((select max(version) from lanes_fast_version), 0)").Scan(&version); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.QueryRow(context.Background(), "select count(*) from pg_locks where locktype = 'advisory' and granted and database = (select oid from pg_database where datname = current_database())").Scan(&locks); err != nil {
+		t.Fatal(err)
+	}
+	if version != 0 || locks != 0 {
+		t.Fatalf("after Close: version %d, %d advisory locks held; want 0 and 0", version, locks)
+	}
+	if err := r.Start(context.Background()); !errors.Is(err, app.ErrClosed) {
+		t.Fatalf("Start after Close = %v, want ErrClosed", err)
+	}
+}
+
+// A Go migration that ignores its context cannot hang Close (and so SIGTERM): Close gives up
+// after CloseTimeout and says what is still running, in Start and in the background lanes.
+// Before, Close waited forever for a background migration, and returned nil at once while Start
+// still ran.
+func TestCloseIsBoundedWhenAMigrationIgnoresItsContext(t *testing.T) {
+	t.Parallel()
+	for _, mode := range []migrator.Mode{migrator.Blocking, migrator.Background} {
+		t.Run(mode.String(), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			started, release := make(chan struct{}), make(chan struct{})
+			lanes := []migrator.Lane{blockingGoLane("fast", migrator.Blocking, started, release, false)}
+			if mode == migrator.Background {
+				lanes = []migrator.Lane{fastLane, blockingGoLane("slow", migrator.Background, started, release, false)}
+			}
+			r := e.runtimeWith(func(c *app.Config) { c.CloseTimeout = 200 * time.Millisecond }, lanes...)
+			errc := make(chan error, 1)
+			go func() { errc <- r.Start(context.Background()) }()
+			<-started
+			closed := make(chan error, 1)
+			go func() { closed <- r.Close() }()
+			var err error
+			select {
+			case err = <-closed:
+			case <-time.After(20 * time.Second):
+				close(release)
+				t.Fatal("Close hung on a migration that ignores its context")
+			}
+			if err == nil || !strings.Contains(err.Error(), "still running") {
+				t.Errorf("Close = %v, want an error saying what is still running", err)
+			}
+			if again := r.Close(); again == nil || again.Error() != err.Error() {
+				t.Errorf("second Close = %v, want the first one's error", again)
+			}
+			close(release) // let the stray migration end: nothing may start after it
+			startErr := <-errc
+			if mode == migrator.Blocking && !errors.Is(startErr, app.ErrClosed) {
+				t.Errorf("Start = %v, want ErrClosed", startErr)
+			}
+			if mode == migrator.Blocking && r.Ready() {
+				t.Error("ready after Close")
+			}
+		})
+	}
+}
+
+func TestDoneOfAnUnknownLaneIsAnError(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	r := e.runtime(fastLane)
+	if ch, err := r.Done("no_such_lane"); !errors.Is(err, migrator.ErrUnknownLane) || ch != nil {
+		t.Fatalf("Done(unknown) = %v, %v; want nil and ErrUnknownLane", ch, err)
+	}
+	if _, err := r.Done("fast"); err != nil {
+		t.Fatal(err)
 	}
 }

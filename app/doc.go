@@ -6,6 +6,8 @@
 // of a lane's progress through the listener and re-reads the version tables before believing
 // it, so a feature can wait for a lane with Done, IsDone, Wait or WaitVersion.
 //
-// Lifecycle: New (no I/O), Start (fails fast, returns once ready), Close (idempotent, waits
-// for every goroutine). All methods are safe for concurrent use.
+// Lifecycle: New (no I/O), Start (fails fast, returns once ready), Close (idempotent; cancels a
+// Start in progress and the background lanes, and waits for them at most Config.CloseTimeout,
+// 15s by default, so a migration that ignores its context cannot hang a shutdown). All methods
+// are safe for concurrent use.
 package app

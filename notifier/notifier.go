@@ -105,12 +105,14 @@ type Listener struct {
 	handler    Handler
 	log        zerolog.Logger
 
-	mu      sync.Mutex
-	mode    Mode
-	started bool
-	stopped bool
-	cancel  context.CancelFunc
-	done    chan struct{}
+	mu          sync.Mutex
+	mode        Mode
+	started     bool
+	stopped     bool
+	startCancel context.CancelFunc // cancels a Start still connecting
+	starting    chan struct{}      // closed when Start returns
+	cancel      context.CancelFunc
+	done        chan struct{}
 
 	stats Stats
 
@@ -145,51 +147,68 @@ func New(connConfig *pgx.ConnConfig, cfg Config, handler Handler) (*Listener, er
 
 // Start connects, LISTENs and runs the handler once, synchronously, so a configuration error
 // fails fast; then it runs the listener in a goroutine until Stop. A LISTEN that is unavailable
-// is not an error: the listener starts in polling mode. Start may be called once.
+// is not an error: the listener starts in polling mode. Start may be called once. A Stop during
+// Start cancels it (its connection is closed, its handler call cancelled) and Start returns an
+// error.
 func (l *Listener) Start(ctx context.Context) error {
 	l.mu.Lock()
-	if l.started {
+	if l.started || l.stopped {
 		l.mu.Unlock()
-		return errors.New("notifier: already started")
+		return errors.New("notifier: Start called twice or after Stop")
 	}
 	l.started = true
+	sctx, scancel := context.WithCancel(ctx)
+	starting := make(chan struct{})
+	l.startCancel, l.starting = scancel, starting
 	l.mu.Unlock()
+	defer close(starting)
+	defer scancel()
 
-	conn, listening, err := l.connect(ctx)
-	if err != nil {
-		l.setMode(ModeStopped)
+	conn, listening, err := l.connect(sctx)
+	l.mu.Lock()
+	stopped := l.stopped
+	if stopped || err != nil {
+		l.mode = ModeStopped // no connection: claim no mode
+		l.mu.Unlock()
+		if conn != nil {
+			l.close(conn)
+		}
+		if stopped { // Stop ran while we connected: own nothing
+			return errors.Join(errors.New("notifier: stopped while starting"), err)
+		}
 		return err
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	l.mu.Lock()
-	if l.stopped { // Stop ran while we connected: own nothing
-		l.mu.Unlock()
-		cancel()
-		l.close(conn)
-		return errors.New("notifier: stopped while starting")
-	}
-	l.cancel, l.done = cancel, make(chan struct{})
+	done := make(chan struct{})
+	l.cancel, l.done = cancel, done
 	l.mu.Unlock()
 	go func() {
-		defer close(l.done)
+		defer close(done)
 		l.run(runCtx, conn, listening)
 	}()
 	return nil
 }
 
-// Stop stops the listener and waits for its goroutine to end and its connection to close.
-// It is idempotent and safe to call when Start failed or was never called.
+// Stop stops the listener and waits for its goroutine to end and its connection to close; a
+// Start still connecting is cancelled and waited for. Once Stop returns nothing of the
+// Listener runs and its Mode is ModeStopped. It is idempotent and safe to call when Start
+// failed or was never called.
 func (l *Listener) Stop() {
 	l.mu.Lock()
-	cancel, done := l.cancel, l.done
 	l.stopped = true
+	startCancel, starting := l.startCancel, l.starting
 	l.mu.Unlock()
-	if cancel == nil {
-		l.setMode(ModeStopped)
-		return
+	if startCancel != nil {
+		startCancel()
+		<-starting
 	}
-	cancel()
-	<-done
+	l.mu.Lock()
+	cancel, done := l.cancel, l.done
+	l.mu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
+	}
 	l.setMode(ModeStopped)
 }
 

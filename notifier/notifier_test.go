@@ -240,3 +240,65 @@ func TestStartFailsFastAndStopIsIdempotent(t *testing.T) {
 		t.Fatal("accepted a 64-byte channel")
 	}
 }
+
+// Stop while Start is still in its first handler call: Stop cancels that call and waits for
+// Start, so once Stop returns the connection is closed, Start has returned an error and the mode
+// is stopped, never a stale "listening" set by the connect that Stop interrupted. The package's
+// leak check (TestMain) proves no goroutine stays behind.
+func TestStopDuringStartLeavesNothingRunning(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	inHandler := make(chan *pgx.Conn, 1)
+	release := make(chan struct{})
+	defer close(release)
+	l, err := notifier.New(e.cc, notifier.Config{Channel: "lanes_done"}, func(ctx context.Context, conn *pgx.Conn, n *pgconn.Notification) error {
+		select {
+		case inHandler <- conn:
+		default:
+		}
+		select { // a handler that honours its context, or a release that never comes in time
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-release:
+			return nil
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	startErr := make(chan error, 1)
+	go func() { startErr <- l.Start(context.Background()) }()
+	var conn *pgx.Conn
+	select {
+	case conn = <-inHandler:
+	case <-time.After(20 * time.Second):
+		t.Fatal("Start never called the handler")
+	}
+	stopped := make(chan struct{})
+	go func() {
+		l.Stop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Stop did not return while Start was in its handler")
+	}
+	select {
+	case err := <-startErr:
+		if err == nil {
+			t.Fatal("Start returned nil although Stop ran during it")
+		}
+	default:
+		t.Fatal("Stop returned before Start did")
+	}
+	if !conn.IsClosed() {
+		t.Error("the connection Start opened is still open after Stop")
+	}
+	if m := l.Mode(); m != notifier.ModeStopped {
+		t.Errorf("mode after Stop during Start = %s, want %s", m, notifier.ModeStopped)
+	}
+	if err := l.Start(context.Background()); err == nil {
+		t.Error("Start after Stop succeeded")
+	}
+}

@@ -80,13 +80,29 @@ func runServe(ctx context.Context, c *command, addr string) error {
 	c.log.Info().Str("addr", ln.Addr().String()).Str("target", target(m.ConnConfig())).
 		Msg("serving /healthz, /readyz and /lanes; applying the blocking lanes")
 
-	if err := r.Start(ctx); err != nil {
-		serr := shutdown()
-		if ctx.Err() != nil {
-			c.log.Info().Msg("stopped before the replica was ready")
-			return serr
+	// Start runs in its own goroutine so that a signal during it is answered by Close, which
+	// cancels Start and waits for it at most app.Config.CloseTimeout: a migration that ignores
+	// its context cannot keep the process from exiting.
+	started := make(chan error, 1)
+	go func() { started <- r.Start(ctx) }()
+	select {
+	case err := <-started:
+		if err != nil {
+			serr := shutdown()
+			if ctx.Err() != nil {
+				c.log.Info().Msg("stopped before the replica was ready")
+				return serr
+			}
+			return errors.Join(err, serr)
 		}
-		return errors.Join(err, serr)
+	case <-ctx.Done():
+		serr := shutdown()
+		if cerr := r.Close(); cerr != nil {
+			return errors.Join(cerr, serr) // Start may still run: the process exits anyway
+		}
+		<-started // Close returned without error: Start has returned
+		c.log.Info().Msg("stopped before the replica was ready")
+		return serr
 	}
 	c.log.Info().Msg("ready: /readyz answers 200")
 
