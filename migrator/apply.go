@@ -78,7 +78,7 @@ func (m *Migrator) apply(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig
 		}
 		return m.inTx(ctx, conn, mig, func(tx pgx.Tx) error { return m.record(ctx, tx, l, mig, start) })
 	}
-	err := m.inTx(ctx, conn, mig, func(tx pgx.Tx) error {
+	return m.inTx(ctx, conn, mig, func(tx pgx.Tx) error {
 		if err := m.execute(ctx, conn, tx, mig); err != nil {
 			return err
 		}
@@ -87,12 +87,6 @@ func (m *Migrator) apply(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig
 		}
 		return m.record(ctx, tx, l, mig, start)
 	})
-	var me *MigrationError
-	if errors.As(err, &me) && me.Statement == "" && me.SQLState != "" && len(mig.statements) > 1 &&
-		ctx.Err() == nil && m.cfg.Now().Sub(start) < 10*time.Second {
-		m.locate(ctx, conn, mig, me)
-	}
-	return err
 }
 
 // ErrTxEnded is wrapped by the *MigrationError of a migration that ended the transaction the
@@ -123,36 +117,6 @@ func (m *Migrator) stillInTx(conn *pgx.Conn, mig *Migration, want byte) error {
 		why = fmt.Sprintf("unexpected transaction status %q", got)
 	}
 	return m.wrap(mig, statement{}, fmt.Errorf("%w: %s", ErrTxEnded, why))
-}
-
-// locate finds the statement of a failed transactional migration whose error carries no
-// position (a constraint violation, a division by zero): it runs the statements again one by one
-// in a transaction it rolls back, each under a 5 s statement timeout, and names the first that
-// fails with the same SQLSTATE. Only failures that took under 10 s are located this way.
-func (m *Migrator) locate(ctx context.Context, conn *pgx.Conn, mig *Migration, me *MigrationError) {
-	tx, err := conn.Begin(ctx)
-	if err != nil {
-		return
-	}
-	defer func() {
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		defer cancel()
-		_ = tx.Rollback(rctx) // the replay only locates; nothing of it may stay
-	}()
-	if _, err := tx.Exec(ctx, "set local statement_timeout = '5s'"); err != nil {
-		return
-	}
-	for _, st := range mig.statements {
-		_, err := tx.Exec(ctx, st.SQL)
-		if err == nil {
-			continue
-		}
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == me.SQLState {
-			me.Statement, me.Line = st.SQL, mig.lineOffset+st.Line
-		}
-		return
-	}
 }
 
 // inTx runs f in a transaction and commits it, rolling back on any error (on a context that is
@@ -192,8 +156,8 @@ func (m *Migrator) execute(ctx context.Context, conn *pgx.Conn, tx pgx.Tx, mig *
 		return nil
 	}
 	if !mig.DisableTx {
-		if _, err := conn.Exec(ctx, mig.SQL); err != nil {
-			return m.wrapFile(mig, err)
+		if completed, err := execCounting(ctx, conn, mig.SQL); err != nil {
+			return m.wrapFile(mig, completed, err)
 		}
 		return nil
 	}
@@ -205,19 +169,40 @@ func (m *Migrator) execute(ctx context.Context, conn *pgx.Conn, tx pgx.Tx, mig *
 	return nil
 }
 
+// execCounting sends sql as one simple-protocol query, as pgx's Exec does, and also returns how
+// many of its statements completed (the server answers each with CommandComplete) before the
+// one that failed.
+func execCounting(ctx context.Context, conn *pgx.Conn, sql string) (completed int, err error) {
+	mrr := conn.PgConn().Exec(ctx, sql)
+	for mrr.NextResult() {
+		if _, err := mrr.ResultReader().Close(); err != nil {
+			break
+		}
+		completed++
+	}
+	return completed, mrr.Close()
+}
+
+// ErrNotLocated is wrapped by the *MigrationError of a whole-file migration whose failing
+// statement could not be told: the server gave no position and the statements it completed do
+// not map onto the file's statements.
+var ErrNotLocated = errors.New("the failing statement could not be located")
+
 // wrapFile wraps the error of a whole-file query, naming the statement and line from the error
 // position when the server gives one (a position counts characters from 1 in the query sent),
-// and the only statement of a one-statement file otherwise.
-func (m *Migrator) wrapFile(mig *Migration, err error) error {
+// and otherwise from the number of statements the server completed before the error: the
+// failing one is the next. Nothing is executed again to find it. When neither locates it, the
+// error says so (ErrNotLocated) rather than name a statement that may be the wrong one.
+func (m *Migrator) wrapFile(mig *Migration, completed int, err error) error {
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) {
 		return m.wrap(mig, statement{}, err)
 	}
 	if pgErr.Position <= 0 {
-		if len(mig.statements) == 1 {
-			return m.wrap(mig, mig.statements[0], err)
+		if completed < len(mig.statements) {
+			return m.wrap(mig, mig.statements[completed], err)
 		}
-		return m.wrap(mig, statement{}, err) // apply locates it by replay
+		return m.wrap(mig, statement{}, fmt.Errorf("%w (%d statements completed, the file has %d): %w", ErrNotLocated, completed, len(mig.statements), err))
 	}
 	off, chars := 0, int(pgErr.Position)-1
 	for off < len(mig.SQL) && chars > 0 {

@@ -198,6 +198,17 @@ func TestSplitStatements(t *testing.T) {
 		{"\n\n  select 1", []string{"select 1"}, []int{3}},
 		{"select 'a;\nb', \"x;\ny\", E'c\\\n;';\nselect 2", []string{"select 'a;\nb', \"x;\ny\", E'c\\\n;';", "select 2"}, []int{1, 5}},
 		{"select 'unterminated;\n", []string{"select 'unterminated;"}, []int{1}},
+		// Parentheses: a multi-action rule is one statement.
+		{"create rule r as on insert to t do also (insert into a values (1); insert into b values (';'));\nselect 2",
+			[]string{"create rule r as on insert to t do also (insert into a values (1); insert into b values (';'));", "select 2"}, []int{1, 2}},
+		// A BEGIN ATOMIC body, with CASE ... END inside it, is one statement.
+		{"CREATE OR REPLACE FUNCTION f(i int) RETURNS int LANGUAGE sql\nBEGIN ATOMIC\n  SELECT 1;\n  SELECT CASE WHEN i > 0 THEN 1 ELSE 2 END;\nEND;\nselect 3;",
+			[]string{"CREATE OR REPLACE FUNCTION f(i int) RETURNS int LANGUAGE sql\nBEGIN ATOMIC\n  SELECT 1;\n  SELECT CASE WHEN i > 0 THEN 1 ELSE 2 END;\nEND;", "select 3;"}, []int{1, 6}},
+		{"create procedure p() begin atomic insert into t values (1); end; call p();",
+			[]string{"create procedure p() begin atomic insert into t values (1); end;", "call p();"}, []int{1, 1}},
+		// BEGIN and END outside a routine split as usual; a word ending in begin is not BEGIN.
+		{"begin; select 1 as begin_x; end; select case when true then 1 end;",
+			[]string{"begin;", "select 1 as begin_x;", "end;", "select case when true then 1 end;"}, []int{1, 1, 1, 1}},
 	}
 	for _, c := range cases {
 		got := splitStatements(c.sql)

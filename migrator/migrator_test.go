@@ -611,7 +611,7 @@ func TestFileRunsAsOneQueryLikeTern(t *testing.T) {
 }
 
 // An error without a position (a constraint violation) is still attributed to its statement,
-// located by a replay that leaves nothing behind.
+// located by counting the statements the server completed, and nothing is left behind.
 func TestErrorWithoutPositionNamesTheStatement(t *testing.T) {
 	t.Parallel()
 	cc, conn := setup(t)
@@ -625,7 +625,7 @@ func TestErrorWithoutPositionNamesTheStatement(t *testing.T) {
 		t.Fatalf("err = %v (%#v)", err, me)
 	}
 	if n := queryInt(t, conn, "select count(*) from pg_tables where tablename = 'u'"); n != 0 {
-		t.Fatal("the failed migration or its replay left the table")
+		t.Fatal("the failed migration left the table")
 	}
 }
 
@@ -676,5 +676,40 @@ func TestMissingVersionTableWithHistoryIsRefused(t *testing.T) {
 	st, err := m.Status(ctx, conn)
 	if err != nil || st[0].VersionTable != "public.lanes_fast_version" {
 		t.Fatalf("status = %+v, %v", st, err)
+	}
+}
+
+// Locating a failed statement executes nothing again: a sequence the file advances before the
+// failing statement advances once, and a statement cancelled by statement_timeout (an error
+// without a position) is named without running it again. Before, the statements were replayed
+// in a rolled-back transaction: nextval ran twice, and so did pg_sleep.
+func TestLocatingAFailureRunsNothingAgain(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	if _, err := conn.Exec(ctx, "create sequence s; create sequence calls; create table u (i int primary key)"); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		file, sql, sqlstate, statement string
+		line                           int
+	}{
+		{"001_dup.sql", "select nextval('s');\ninsert into u values (1);\ninsert into u values (1);", "23505", "insert into u values (1);", 3},
+		{"001_slow.sql", "set local statement_timeout = '200ms';\nselect 1;\nselect nextval('calls'), pg_sleep(5);\nselect 2;", "57014", "select nextval('calls'), pg_sleep(5);", 3},
+	} {
+		lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{tc.file: file(tc.sql)}}
+		_, err := newMigrator(t, cc, lane).Migrate(ctx, "fast")
+		var me *migrator.MigrationError
+		if !errors.As(err, &me) || me.SQLState != tc.sqlstate || me.Statement != tc.statement || me.Line != tc.line || me.File != tc.file {
+			t.Fatalf("%s: err = %v (%#v), want %s at line %d: %s", tc.file, err, me, tc.sqlstate, tc.line, tc.statement)
+		}
+	}
+	for _, seq := range []string{"s", "calls"} {
+		if n := queryInt(t, conn, "select case when is_called then last_value else 0 end from "+seq); n != 1 {
+			t.Errorf("sequence %s advanced %d times, want once: a statement ran again", seq, n)
+		}
+	}
+	if n := queryInt(t, conn, "select count(*) from u"); n != 0 {
+		t.Fatalf("u has %d rows after the failed migration", n)
 	}
 }

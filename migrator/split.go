@@ -9,13 +9,41 @@ type statement struct {
 	Offset int // byte offset in the rendered up SQL where SQL starts
 }
 
-// splitStatements splits SQL into statements at top-level semicolons. It understands
-// single-quoted strings (with ” escapes and E” backslash escapes), double-quoted identifiers,
-// dollar-quoted strings ($$ and $tag$), line comments and nested block comments, so semicolons
-// inside any of those do not split. Statements holding only whitespace and comments are dropped.
+// splitStatements splits SQL into statements at top-level semicolons, as the server's parser
+// does, so that the n-th statement here is the n-th the server runs (a failing statement is
+// located by counting the statements the server completed). It understands single-quoted
+// strings (with ” escapes and E” backslash escapes), double-quoted identifiers, dollar-quoted
+// strings ($$ and $tag$), line comments and nested block comments, parentheses (a multi-action
+// rule's actions) and the BEGIN ATOMIC ... END body of a CREATE [OR REPLACE] FUNCTION or
+// PROCEDURE (with CASE ... END inside it), so semicolons inside any of those do not split.
+// Statements holding only whitespace and comments are dropped.
 func splitStatements(sql string) []statement {
 	var out []statement
 	start, line, startLine := 0, 1, 1
+	var (
+		parens  int      // depth of open parentheses
+		words   []string // the first words of the statement, lower-cased (up to 4)
+		routine bool     // the statement is CREATE [OR REPLACE] FUNCTION or PROCEDURE
+		blocks  int      // depth of BEGIN (and CASE inside it) ... END in a routine's body
+	)
+	word := func(w string) {
+		w = strings.ToLower(w)
+		if len(words) < 4 {
+			words = append(words, w)
+			routine = isRoutineStart(words)
+		}
+		if !routine || parens > 0 {
+			return
+		}
+		switch {
+		case w == "begin":
+			blocks++
+		case w == "case" && blocks > 0:
+			blocks++
+		case w == "end" && blocks > 0:
+			blocks--
+		}
+	}
 	emit := func(end int) {
 		text := sql[start:end]
 		if !onlyComments(text) {
@@ -61,10 +89,30 @@ func splitStatements(sql string) []statement {
 			body := sql[i : i+len(tag)+end]
 			line += strings.Count(body, "\n")
 			i += len(body)
+		case c == '(':
+			parens++
+			i++
+		case c == ')':
+			if parens > 0 {
+				parens--
+			}
+			i++
+		case c == ';' && (parens > 0 || blocks > 0):
+			i++
 		case c == ';':
 			emit(i + 1)
 			i++
 			start, startLine = i, line
+			words, routine, blocks = words[:0], false, 0
+		case isIdentChar(c):
+			j := i
+			for j < len(sql) && (isIdentChar(sql[j]) || sql[j] == '$') {
+				j++
+			}
+			if c < '0' || c > '9' {
+				word(sql[i:j])
+			}
+			i = j
 		default:
 			i++
 		}
@@ -73,6 +121,18 @@ func splitStatements(sql string) []statement {
 		emit(len(sql))
 	}
 	return out
+}
+
+// isRoutineStart reports whether the first words of a statement begin CREATE [OR REPLACE]
+// FUNCTION or PROCEDURE, whose body may be BEGIN ATOMIC ... END holding semicolons.
+func isRoutineStart(w []string) bool {
+	if len(w) < 2 || w[0] != "create" {
+		return false
+	}
+	if w[1] == "function" || w[1] == "procedure" {
+		return true
+	}
+	return len(w) >= 4 && w[1] == "or" && w[2] == "replace" && (w[3] == "function" || w[3] == "procedure")
 }
 
 // dollarTag returns the opening dollar-quote tag at the start of s ("$$" or "$name$").
