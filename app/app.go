@@ -79,6 +79,10 @@ type laneState struct {
 	role   string        // what this replica does with the lane now: applying, waiting or ""
 	via    string        // how this replica learned the lane was done
 	doneAt time.Time     // when it learned it
+	// migrating is set while this replica's own Migrate call on the lane runs: its listener can
+	// hear the commit before Migrate has logged the file's "OK" line, so "lane done" waits.
+	migrating    bool
+	doneLogLater bool
 }
 
 // New returns a Runtime for the Migrator's lanes. It does not connect. Call Close to release
@@ -181,7 +185,9 @@ func (r *Runtime) start(sctx, ctx context.Context) error {
 		if st, _ := r.laneStatus(l.Name); st.Done() {
 			continue // the listener's first read, made after LISTEN, found it applied
 		}
+		r.setMigrating(l.Name, true)
 		res, err := r.m.Migrate(sctx, l.Name)
+		r.setMigrating(l.Name, false)
 		if err != nil {
 			return fmt.Errorf("app: blocking %w", err)
 		}
@@ -539,7 +545,11 @@ func (r *Runtime) updateLocked(lanes []migrator.LaneStatus, via string) {
 		if st.Done() && !wasDone {
 			close(s.done)
 			s.via, s.doneAt = via, r.cfg.Now()
-			r.log.Info().Str("lane", st.Name).Int32("version", st.Version).Str("via", via).Msg("lane done")
+			if s.migrating {
+				s.doneLogLater = true
+			} else {
+				r.logDone(st.Name, s)
+			}
 			if st.Version > st.Latest {
 				r.log.Warn().Str("lane", st.Name).Int32("version", st.Version).Int32("latest", st.Latest).
 					Msg("database is ahead of this binary: a newer deploy applied migrations this binary does not know; treating the lane as done")
@@ -587,6 +597,24 @@ func (r *Runtime) check(ctx context.Context, conn *pgx.Conn) error {
 // setLocked records whether the lane's lock was seen held.
 func (r *Runtime) setLocked(lane string, locked bool, via string) {
 	r.modify(lane, via, func(st *migrator.LaneStatus) { st.Locked = locked })
+}
+
+// setMigrating records whether this replica's own Migrate call on the lane runs; when it ends,
+// a "lane done" line held back meanwhile is logged, after the files' "OK" lines.
+func (r *Runtime) setMigrating(lane string, on bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.state[lane]
+	s.migrating = on
+	if !on && s.doneLogLater {
+		s.doneLogLater = false
+		r.logDone(lane, s)
+	}
+}
+
+// logDone logs that the lane is done, with the version and the way this replica learned it.
+func (r *Runtime) logDone(lane string, s *laneState) {
+	r.log.Info().Str("lane", lane).Int32("version", s.status.Version).Str("via", s.via).Msg("lane done")
 }
 
 // setRole records what this replica does with the lane.

@@ -724,3 +724,57 @@ func TestDoneOfAnUnknownLaneIsAnError(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// slowOKWriter holds back each migration's "OK" line, as a busy log sink can, while other
+// goroutines' lines go through.
+type slowOKWriter struct{ buf logbuf.Buffer }
+
+func (w *slowOKWriter) Write(p []byte) (int, error) {
+	if strings.Contains(string(p), `"OK   `) {
+		time.Sleep(300 * time.Millisecond)
+	}
+	return w.buf.Write(p)
+}
+
+// A replica logs "lane done" after the "OK" lines of the files it applied, never before, even
+// when its listener hears the commit first.
+func TestLaneDoneIsLoggedAfterTheOKLines(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	var w slowOKWriter
+	slow := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_more.sql": file("insert into example values (2);")}}
+	m, err := migrator.New(e.cc, []migrator.Lane{fastLane, slow}, migrator.Config{Logger: zerolog.New(&w)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := app.New(m, app.Config{Logger: zerolog.New(&w)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if err := r.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	if err := r.Wait(ctx, "slow"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "both lanes logged done", 10*time.Second, func() bool { return strings.Count(w.buf.String(), `"lane done"`) == 2 })
+	logs := w.buf.String()
+	for lane, last := range map[string]string{"fast": "002_seed.sql", "slow": "001_more.sql"} {
+		ok := strings.Index(logs, `"OK   `+last)
+		done := strings.Index(logs, `"lane":"`+lane+`","version"`)
+		for done >= 0 && !strings.Contains(logs[done:done+strings.Index(logs[done:], "\n")], `"lane done"`) {
+			next := strings.Index(logs[done+1:], `"lane":"`+lane+`","version"`)
+			if next < 0 {
+				done = -1
+				break
+			}
+			done += 1 + next
+		}
+		if ok < 0 || done < 0 || done < ok {
+			t.Errorf("lane %s: want its OK line, then lane done:\n%s", lane, logs)
+		}
+	}
+}

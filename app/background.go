@@ -70,7 +70,9 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			*conn = c
 		}
 		r.setRole(l.Name, "applying")
+		r.setMigrating(l.Name, true)
 		res, err := r.m.TryMigrateOn(ctx, *conn, l.Name)
+		r.setMigrating(l.Name, false)
 		r.setRole(l.Name, "")
 		if (*conn).IsClosed() {
 			*conn = nil
