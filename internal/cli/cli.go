@@ -222,7 +222,11 @@ func (c *command) migrator() (*migrator.Migrator, error) {
 	if err != nil {
 		return nil, err
 	}
-	m, err := migrator.New(cfg, lanes, migrator.Config{Channel: c.set.channel, Logger: c.log, Now: c.env.now, AllowDrift: c.allowDrift})
+	bc, err := c.batchConfig()
+	if err != nil {
+		return nil, err
+	}
+	m, err := migrator.New(cfg, lanes, migrator.Config{Channel: c.set.channel, Logger: c.log, Now: c.env.now, AllowDrift: c.allowDrift, Batch: bc})
 	if err != nil {
 		return nil, fmt.Errorf("load migrations: %w", err)
 	}

@@ -26,7 +26,7 @@ var commandList = []commandSpec{
 		summary: "apply the pending migrations of every lane (or of the named lanes), in lane order, in the foreground",
 		details: "Each lane is applied under its own lock, one transaction per migration; blocking\nand background lanes alike. Exits 1 when a migration fails (it is recorded in the\nhistory table and nothing of it stays applied).",
 		define:  migrateFlags},
-	{name: "status", synopsis: "[--json]",
+	{name: "status", synopsis: "[--json | --watch]",
 		summary: "print each lane's version, latest version, state, lock, last error and drift",
 		details: "Exits 0 even when lanes are pending or failed. --json prints {\"lanes\":[...]}.",
 		define:  statusFlags},
@@ -34,6 +34,17 @@ var commandList = []commandSpec{
 		summary: "block, listening on the NOTIFY channel, until a lane reaches a version; applies nothing",
 		details: "Exits 0 when the lane has the version, 1 on a recorded permanent failure of a\nmigration the wait depends on, 3 when --timeout expires.",
 		define:  waitFlags},
+	{name: "pause", synopsis: "--lane NAME",
+		summary: "pause a background lane: its applier stops at the next batch boundary, no replica starts it",
+		details: "Stored in the database (lanes_control): survives restarts, takeovers and deploys.\nAnnounced on the NOTIFY channel. Readiness does not change. Blocking lanes cannot\nbe paused.",
+		define:  controlFlags("pause")},
+	{name: "resume", synopsis: "--lane NAME",
+		summary: "resume a paused lane: a replica takes it up after its last committed batch",
+		define:  controlFlags("resume")},
+	{name: "retry", synopsis: "--lane NAME",
+		summary: "clear the lane's recorded permanent failure so replicas try the migration again",
+		details: "For a data problem fixed by hand: the file is unchanged, the failure stays in\nlanes_history, and replicas retry the migration (a batched one after its last\ncommitted batch).",
+		define:  controlFlags("retry")},
 	{name: "new", synopsis: "--lane NAME TITLE",
 		summary: "create the lane's next numbered file NNN_title.sql (needs --migrations) and print its path",
 		define:  newFlags},
@@ -80,6 +91,15 @@ durations such as 500ms, 2s or 1m):
                            standby, a pooler in transaction mode) (default 5s)
   LANES_RELISTEN_INTERVAL  how often LISTEN is tried again while polling (default 1m)
   LANES_ADDR               serve: the listen address when --addr is not given (default :8080)
+
+Batched migrations, for serve and migrate (a ---- lanes: batch ... ---- file):
+  LANES_BATCH_TARGET       the duration a batch should take; the batch size adapts (default 200ms)
+  LANES_BATCH_PAUSE        a sleep between batches (default 0)
+  LANES_BATCH_NICE_RATIO   also sleep this many times the last batch's duration (default 0)
+  LANES_MAX_REPLICATION_LAG  hold batches back while a standby's replay lag exceeds it
+                           (default 30s; off disables)
+  LANES_BATCH_STATEMENT_TIMEOUT, LANES_BATCH_LOCK_TIMEOUT  per-batch timeouts (defaults: the
+                           larger of 50 targets and 10s; the larger of the target and 100ms)
 `
 
 const helpExitCodes = `Exit codes:

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"strings"
 	"text/tabwriter"
 
@@ -13,9 +14,20 @@ import (
 
 func statusFlags(fs *flag.FlagSet) commandBody {
 	asJSON := fs.Bool("json", false, "print JSON ({\"lanes\":[...]}) instead of a table")
+	watch := fs.Bool("watch", false, "redraw the table live from the notifications until interrupted")
 	return func(ctx context.Context, c *command, args []string) error {
 		if len(args) > 0 {
 			return usageErrorf("unexpected arguments %q", args)
+		}
+		if *watch {
+			if *asJSON {
+				return usageErrorf("--watch draws a table: it does not take --json")
+			}
+			m, err := c.migrator()
+			if err != nil {
+				return err
+			}
+			return runWatch(ctx, c, m)
 		}
 		return runStatus(ctx, c, *asJSON)
 	}
@@ -51,8 +63,13 @@ func runStatus(ctx context.Context, c *command, asJSON bool) error {
 		}
 		return nil
 	}
-	tw := tabwriter.NewWriter(c.env.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "LANE\tMODE\tVERSION\tLATEST\tSTATE\tLOCKED\tVERSION TABLE\tERROR")
+	return writeStatusTable(c.env.stdout, lanes)
+}
+
+// writeStatusTable writes the lanes as the status table.
+func writeStatusTable(w io.Writer, lanes []migrator.LaneStatus) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LANE\tMODE\tVERSION\tLATEST\tSTATE\tLOCKED\tPROGRESS\tVERSION TABLE\tERROR")
 	for _, l := range lanes {
 		locked := "no"
 		if l.Locked {
@@ -62,7 +79,7 @@ func runStatus(ctx context.Context, c *command, asJSON bool) error {
 		if len(l.Drift) > 0 {
 			problem = strings.TrimSpace("changed since applied: " + strings.Join(l.Drift, ", ") + "; " + problem)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n", l.Name, l.Mode, l.Version, l.Latest, l.State, locked, l.VersionTable, problem)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", l.Name, l.Mode, l.Version, l.Latest, l.State, locked, progressCell(l.Progress), l.VersionTable, problem)
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write status: %w", err)
