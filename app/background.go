@@ -8,6 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/internal/backoff"
+	"github.com/multilanes/lanes/internal/connerr"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -61,7 +62,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
-				r.log.Warn().Err(err).Str("lane", l.Name).Msg("cannot connect to apply the lane; retrying")
+				r.log.Warn().Err(connerr.Compact(err)).Str("lane", l.Name).Msg("cannot connect to apply the lane; retrying")
 				if err := r.backoff(ctx, &retries); err != nil {
 					return err
 				}

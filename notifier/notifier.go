@@ -29,6 +29,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/internal/backoff"
+	"github.com/multilanes/lanes/internal/connerr"
 )
 
 // Handler reads the durable state on conn. n is nil after a (re)connect and on a polling tick,
@@ -280,7 +281,7 @@ func (l *Listener) run(ctx context.Context, conn *pgx.Conn, listening bool) {
 		if err != nil {
 			// Say it once per kind of failure, not once per attempt.
 			if msg := err.Error(); msg != lastFailure {
-				l.log.Warn().Err(err).Int("attempt", attempt).Msg("cannot reconnect the notification connection; retrying with backoff")
+				l.log.Warn().Err(connerr.Compact(err)).Int("attempt", attempt).Msg("cannot reconnect the notification connection; retrying with backoff")
 				lastFailure = msg
 			}
 			continue

@@ -24,6 +24,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
 
+	"github.com/multilanes/lanes/internal/connerr"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -320,7 +321,7 @@ func run(ctx context.Context, args []string, e *env) int {
 	if errors.As(err, &xe) {
 		code = xe.code
 	}
-	msg := redact(err.Error(), s.databaseURL)
+	msg := redact(connerr.Compact(err).Error(), s.databaseURL)
 	if s.logFormat == "json" {
 		// Errors go to stderr, even for the demo whose story goes to stdout.
 		errLog := newLogger(s.logFormat, e.stderr, e.terminal, e.now)

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -691,5 +692,25 @@ func TestGitkeepFolderIsAnEmptyLane(t *testing.T) {
 	}
 	if res := runCLI(t, vars, "wait", "--lane", "slow", "--timeout", "10s"); res.code != ExitOK {
 		t.Fatalf("wait on an empty lane: %v", res)
+	}
+}
+
+// A refused connection is said once, although pgx tries twice (TLS, then plain).
+func TestConnectionErrorSaidOnce(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	vars := map[string]string{
+		"DATABASE_URL":     fmt.Sprintf("postgres://u:secret@127.0.0.1:%d/db?connect_timeout=5", port),
+		"LANES_MIGRATIONS": writeTree(t, map[string]string{"fast/001_a.sql": "select 1;"}),
+		"LANES_LOG_FORMAT": "console",
+	}
+	res := runCLI(t, vars, "status")
+	if res.code == ExitOK || strings.Count(res.stderr, "connection refused") != 1 || strings.Contains(res.stderr, "secret") {
+		t.Errorf("want one refusal, no password: %v", res)
 	}
 }
