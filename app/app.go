@@ -447,12 +447,12 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 			r.setProgress(ev) // a hint, kept as such: no query
 			return nil
 		}
-		if known && ev.Released {
+		if known && ev.State == migrator.EventReleased {
 			// The applying session stopped and released the lock: waiting replicas try it now.
 			// A spoofed hint costs only that try.
 			r.setLocked(ev.Lane, false, via)
 		}
-		if known && ev.Error == "" && ev.Control == "" {
+		if known && ev.State != migrator.EventFailed && ev.Control == "" {
 			// A migration committed: only that lane's version changed. Re-read just it (one
 			// short statement) rather than the full status, whose pg_locks scans cost
 			// O(max_connections) and run on every replica at the same moment.

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/http"
 	"time"
+
+	"github.com/multilanes/lanes/migrator"
 )
 
 // statusTimeout bounds the database read behind GET /lanes.
@@ -19,7 +21,8 @@ const statusTimeout = 5 * time.Second
 //   - GET /readyz: 503 until the blocking lanes are applied, then 200 (a readiness probe);
 //   - GET /lanes: the lanes read fresh from the database (lock-free) plus this replica's view,
 //     as the JSON of Status with an "error" field; 503 with the replica's view when the
-//     database cannot be read.
+//     database cannot be read. Errors are shown with their string literals masked
+//     (LaneStatus.Redacted).
 //
 // The handler is read-only: nothing it serves changes the database. It may be called before
 // Start (a starting replica answers /healthz and says what it waits for) and is safe for
@@ -61,11 +64,16 @@ func (r *Runtime) serveLanes(w http.ResponseWriter, req *http.Request) {
 	defer cancel()
 	var resp LanesResponse
 	st, err := r.Status(ctx)
+	// Anyone who reaches the endpoint reads it: errors are shown with their string literals
+	// masked (a failing statement may quote a password).
+	for i := range st.Lanes {
+		st.Lanes[i] = st.Lanes[i].Redacted()
+	}
 	resp.Status = st
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	if err != nil {
-		resp.Error = err.Error()
+		resp.Error = migrator.MaskLiterals(err.Error())
 		w.WriteHeader(http.StatusServiceUnavailable)
 	}
 	_ = json.NewEncoder(w).Encode(resp) // a client that went away is no error of ours

@@ -13,18 +13,27 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
+// The states an Event announces.
+const (
+	EventApplied  = "applied"  // a migration of a background lane committed; the lane is not done
+	EventDone     = "done"     // the lane's last migration known to the sender committed
+	EventFailed   = "failed"   // a migration to Version failed (see the history table for why)
+	EventReleased = "released" // the applying session stopped before the end and released the lane's lock
+)
+
 // Event is the JSON payload of a notification. It is a hint only: any role may NOTIFY any
-// channel, so a receiver re-reads the version tables before believing it.
+// channel, so a receiver re-reads the version tables before believing it. It carries the lane,
+// the version, the state and the file only: any role that can connect may LISTEN, so an error
+// (which may quote a statement and its literals, such as a password) is never sent; it is in
+// the history table.
 type Event struct {
 	Lane    string `json:"lane"`
 	Version int32  `json:"version"`
-	// Done is true when Version is the last migration known to the binary that applied it.
-	Done bool `json:"done,omitempty"`
-	// Error is set when a migration to Version failed.
-	Error string `json:"error,omitempty"`
-	// Released is set when the session applying the lane stopped before the end (it was
-	// cancelled, as on SIGTERM) and released the lane's lock: another replica may take over.
-	Released bool `json:"released,omitempty"`
+	// State is EventApplied, EventDone, EventFailed or EventReleased; empty on progress and
+	// control announcements.
+	State string `json:"state,omitempty"`
+	// File is the migration's file name ("NNN_title.sql", "NNN_name.go"); empty for released.
+	File string `json:"file,omitempty"`
 	// Progress is set on the progress announcements of a batched migration to Version.
 	Progress *ProgressHint `json:"progress,omitempty"`
 	// Control is set when an operator paused ("pause"), resumed ("resume") or cleared a
@@ -33,27 +42,40 @@ type Event struct {
 }
 
 // ParseEvent decodes a notification payload. Payloads that are not an Event return an error.
+// Payloads of earlier releases ({"done":true}, {"error":...}, {"released":true}) are read as
+// the matching state; their error text is dropped.
 func ParseEvent(payload string) (Event, error) {
-	var e Event
+	var e struct {
+		Event
+		Done     bool   `json:"done"`
+		Error    string `json:"error"`
+		Released bool   `json:"released"`
+	}
 	if len(payload) > 8000 {
-		return e, errors.New("payload too long")
+		return Event{}, errors.New("payload too long")
 	}
 	if err := json.Unmarshal([]byte(payload), &e); err != nil {
-		return e, fmt.Errorf("decode event: %w", err)
+		return Event{}, fmt.Errorf("decode event: %w", err)
 	}
 	if !laneNamePattern.MatchString(e.Lane) {
-		return e, fmt.Errorf("decode event: invalid lane %q", e.Lane)
+		return Event{}, fmt.Errorf("decode event: invalid lane %q", e.Lane)
 	}
-	return e, nil
+	if e.State == "" && e.Progress == nil && e.Control == "" {
+		switch {
+		case e.Error != "":
+			e.State = EventFailed
+		case e.Released:
+			e.State = EventReleased
+		case e.Done:
+			e.State = EventDone
+		default:
+			e.State = EventApplied
+		}
+	}
+	return e.Event, nil
 }
 
 func (e Event) payload() string {
-	if len(e.Error) > 1000 {
-		e.Error = e.Error[:1000]
-		for !utf8.ValidString(e.Error) {
-			e.Error = e.Error[:len(e.Error)-1]
-		}
-	}
 	b, _ := json.Marshal(e) // cannot fail: strings and numbers only
 	return string(b)
 }
@@ -108,7 +130,7 @@ func (m *Migrator) stillInTx(conn *pgx.Conn, mig *Migration, want byte) error {
 	var why string
 	switch {
 	case want == 'T' && got == 'I':
-		why = "it ended the migration's transaction (a COMMIT, END or ROLLBACK inside it, or a Go migration ending it through tx.Conn()): what it did before that may be committed, but its version is not recorded; a transactional migration must not end its transaction (use a disable-tx file or GoMigration.UpNoTx for work that needs its own transactions)"
+		why = "it ended the transaction it runs in (a COMMIT, END or ROLLBACK inside it, or a Go migration ending it through tx.Conn()): what it did before that may be committed, but its version is not recorded; a transactional migration must not end its transaction (use a disable-tx file or GoMigration.UpNoTx for work that needs transactions of its own)"
 	case want == 'T' && got == 'E':
 		return nil // a failed transaction: recording fails and the whole transaction rolls back
 	case want == 'I':
@@ -214,7 +236,7 @@ func (m *Migrator) wrapFile(mig *Migration, completed int, err error) error {
 	me.Line = mig.lineOffset + 1 + strings.Count(mig.SQL[:off], "\n")
 	for _, st := range mig.statements {
 		if st.Offset <= off && off <= st.Offset+len(st.SQL) {
-			me.Statement = st.SQL
+			me.Statement, me.offset = st.SQL, off-st.Offset+1
 		}
 	}
 	return me
@@ -237,7 +259,9 @@ func (m *Migrator) wrap(mig *Migration, st statement, err error) error {
 			// Position counts characters from 1 within the statement sent.
 			runes := []rune(st.SQL)
 			if p := int(pgErr.Position) - 1; p <= len(runes) {
-				me.Line += strings.Count(string(runes[:p]), "\n")
+				before := string(runes[:p])
+				me.Line += strings.Count(before, "\n")
+				me.offset = len(before) + 1
 			}
 		}
 	}
@@ -255,7 +279,11 @@ func (m *Migrator) record(ctx context.Context, tx pgx.Tx, l *loadedLane, mig *Mi
 values ($1, $2, $3, $4, $5, $6, $7, $8, $9)`, l.Name, mig.Version, mig.Name, mig.Checksum, start, m.cfg.Now(), m.host, m.pid, m.appName)
 	last := mig.Version == l.latest()
 	if last || l.Mode == Background {
-		b.Queue("select pg_notify($1, $2)", m.cfg.Channel, Event{Lane: l.Name, Version: mig.Version, Done: last}.payload())
+		state := EventApplied
+		if last {
+			state = EventDone
+		}
+		b.Queue("select pg_notify($1, $2)", m.cfg.Channel, Event{Lane: l.Name, Version: mig.Version, State: state, File: mig.Name}.payload())
 	}
 	// reset all also reset the session settings set after connecting (they are not startup
 	// parameters): set them again, unless the server refused them before.
@@ -275,7 +303,7 @@ values ($1, $2, $3, $4, $5, $6, $7, $8, $9)`, l.Name, mig.Version, mig.Name, mig
 		tag, err = br.Exec()
 	}
 	if err == nil && tag.RowsAffected() != 1 {
-		err = fmt.Errorf("version table %s is no longer at version %d: changed outside this lane's lock", l.table, mig.Version-1)
+		err = fmt.Errorf("version table %s is no longer at version %d: changed outside the lane lock", l.table, mig.Version-1)
 	}
 	for i := 2; err == nil && i < b.Len(); i++ {
 		_, err = br.Exec()
@@ -303,14 +331,15 @@ func (m *Migrator) recordFailure(ctx context.Context, conn *pgx.Conn, l *loadedL
 	log.Bool("transient", IsTransient(cause)).Msg("migration failed")
 	var me *MigrationError
 	errors.As(cause, &me)
-	msg := cause.Error()
+	msg := truncate(cause.Error(), maxErrorBytes)
 	var sqlstate, stmt *string
 	if me != nil {
 		if me.SQLState != "" {
 			sqlstate = &me.SQLState
 		}
 		if me.Statement != "" {
-			stmt = &me.Statement
+			ex := excerpt(me.Statement, me.offset-1, maxStatementBytes)
+			stmt = &ex
 		}
 	}
 	_, err := conn.Exec(ctx, "insert into "+m.history.Quoted()+` (lane, version, name, checksum, started_at, finished_at, host, pid, application_name, error, sqlstate, statement)
@@ -319,7 +348,56 @@ values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`, l.Name, mig.Version
 		m.cfg.Logger.Warn().Err(err).Str("lane", l.Name).Msg("could not record the failure in the history table")
 		return nil
 	}
-	return &Event{Lane: l.Name, Version: mig.Version, Error: msg}
+	return &Event{Lane: l.Name, Version: mig.Version, State: EventFailed, File: mig.Name}
+}
+
+// The bounds of what a failed attempt stores in the history table (and so what a status read
+// fetches): a failing statement of a multi-megabyte file must not be copied into every status
+// read of every replica.
+const (
+	maxErrorBytes     = 4000 // the error text
+	maxStatementBytes = 2000 // the excerpt of the failing statement around the error position
+)
+
+// truncate cuts s to at most n bytes at a character boundary, ending with "…" when cut.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	n -= len("…")
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
+}
+
+// excerpt returns at most n bytes of stmt around byte offset pos (the error position; -1 when
+// unknown, then the start), cut at character boundaries and marked "…" where cut.
+func excerpt(stmt string, pos, n int) string {
+	if len(stmt) <= n {
+		return stmt
+	}
+	if pos < 0 || pos > len(stmt) {
+		pos = 0
+	}
+	room := n - 2*len("…")
+	start := max(0, pos-room/2)
+	end := min(len(stmt), start+room)
+	start = max(0, end-room)
+	for start < end && !utf8.RuneStart(stmt[start]) {
+		start++
+	}
+	for end < len(stmt) && end > start && !utf8.RuneStart(stmt[end]) {
+		end--
+	}
+	out := stmt[start:end]
+	if start > 0 {
+		out = "…" + out
+	}
+	if end < len(stmt) {
+		out += "…"
+	}
+	return out
 }
 
 // announce sends ev on the channel, best effort, also after ctx was cancelled (a stop).

@@ -80,7 +80,7 @@ func TestBatchedFileVisitsEveryRowOnce(t *testing.T) {
 			}
 			continue
 		}
-		if ev.Lane != "slow" || ev.Version != 1 || !ev.Done || !sawProgress {
+		if ev.Lane != "slow" || ev.Version != 1 || ev.State != migrator.EventDone || !sawProgress {
 			t.Fatalf("event %+v (progress seen: %v)", ev, sawProgress)
 		}
 		break

@@ -49,6 +49,8 @@ type MigrationError struct {
 	Line      int    // line of the file where the error is (0: unknown)
 	SQLState  string // the SQLSTATE of a PostgreSQL error, when there is one
 	Err       error  // the cause
+
+	offset int // 1 + the byte offset of the error in Statement; 0: unknown
 }
 
 func (e *MigrationError) Error() string {
@@ -106,6 +108,13 @@ func TransientSQLState(code string) bool {
 }
 
 func abbreviate(s string, n int) string {
+	if len(s) > 8*n { // only the start is shown: do not collapse the spaces of a huge statement
+		cut := 8 * n
+		for cut > 0 && !utf8.RuneStart(s[cut]) {
+			cut--
+		}
+		s = s[:cut]
+	}
 	s = strings.Join(strings.Fields(s), " ")
 	if len(s) <= n {
 		return s

@@ -283,6 +283,16 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	}
 	res.From = v
 	if v >= l.latest() {
+		if wait && !m.cfg.AllowDrift {
+			// Migrate (an operator's or a start-up's) also checks a lane that is up to date:
+			// applied files renamed or changed since are an error, not "done". TryMigrate, the
+			// replicas' background retry, leaves that to Status (AddDrift: state drift).
+			if files, err := m.drift(ctx, conn, l, v); err != nil {
+				return res, err
+			} else if len(files) > 0 {
+				return res, &DriftError{Lane: name, Files: files}
+			}
+		}
 		return done(v)
 	}
 
@@ -322,7 +332,7 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 		case err != nil && ctx.Err() != nil:
 			// Stopped halfway: tell the replicas waiting for this lane that its lock is free,
 			// so they need not wait for their next check to take it over.
-			m.announce(ctx, conn, Event{Lane: name, Version: res.To, Released: true})
+			m.announce(ctx, conn, Event{Lane: name, Version: res.To, State: EventReleased})
 		}
 	}()
 
@@ -417,7 +427,7 @@ func (m *Migrator) failedBefore(ctx context.Context, conn *pgx.Conn, l *loadedLa
 		checksum      string
 		msg, sqlstate *string
 	)
-	err := conn.QueryRow(ctx, "select version, checksum, error, sqlstate from "+m.history.Quoted()+
+	err := conn.QueryRow(ctx, fmt.Sprintf("select version, checksum, left(error, %d), sqlstate from ", maxErrorBytes)+m.history.Quoted()+
 		" where lane = $1 and id > coalesce((select retry_from from "+m.controlTable().Quoted()+" where lane = $1), 0) order by id desc limit 1", l.Name).Scan(&version, &checksum, &msg, &sqlstate)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil

@@ -300,7 +300,8 @@ func TestFailedMigrationRollsBackAndIsReported(t *testing.T) {
 		}
 		events = append(events, ev)
 	}
-	if events[0].Version != 1 || events[0].Done || events[1].Version != 2 || !strings.Contains(events[1].Error, "missing_table") {
+	if events[0] != (migrator.Event{Lane: "slow", Version: 1, State: migrator.EventApplied, File: "001_ok.sql"}) ||
+		events[1] != (migrator.Event{Lane: "slow", Version: 2, State: migrator.EventFailed, File: "002_bad.sql"}) {
 		t.Fatalf("events = %+v", events)
 	}
 	// A fixed file continues from version 1.
@@ -331,7 +332,7 @@ func TestCompletionNotifiesInTheSameTransaction(t *testing.T) {
 		t.Fatal(err)
 	}
 	ev, err := migrator.ParseEvent(n.Payload)
-	if err != nil || ev != (migrator.Event{Lane: "fast", Version: 2, Done: true}) {
+	if err != nil || ev != (migrator.Event{Lane: "fast", Version: 2, State: migrator.EventDone, File: "002_insert.sql"}) {
 		t.Fatalf("event = %+v, %v (payload %s)", ev, err, n.Payload)
 	}
 	// A blocking lane notifies only at its end: no second notification is pending.

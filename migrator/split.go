@@ -218,3 +218,50 @@ func skipQuoted(s string, i int, escapes bool) int {
 	}
 	return len(s)
 }
+
+// MaskLiterals returns s, an error message or SQL text, with the contents of its string
+// literals replaced by "***": single-quoted strings (with ” and, after E, backslash escapes)
+// and dollar-quoted strings ($$...$$, $tag$...$tag$). An unterminated literal (as in a statement
+// cut short) is masked to the end. Double quotes are not skipped, since server messages quote
+// tokens in them (syntax error at or near "'secret'"). It errs on the side of masking: an
+// apostrophe in prose starts a literal too. Use it for text shown to
+// anyone who can reach an unauthenticated endpoint: a failing `alter role ... password '...'`
+// must not show its password there.
+func MaskLiterals(s string) string {
+	var b strings.Builder
+	last := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		switch {
+		case c == '\'':
+			escapes := i > 0 && (s[i-1] == 'e' || s[i-1] == 'E') && (i < 2 || !isIdentChar(s[i-2]))
+			end := skipQuoted(s, i, escapes)
+			b.WriteString(s[last:i])
+			b.WriteString("'***")
+			if end > i+1 && s[end-1] == '\'' && end-1 > i {
+				b.WriteByte('\'')
+			}
+			last, i = end, end
+		case c == '$' && (i == 0 || !isIdentChar(s[i-1])):
+			tag, ok := dollarTag(s[i:])
+			if !ok {
+				i++
+				continue
+			}
+			rest := strings.Index(s[i+len(tag):], tag)
+			b.WriteString(s[last:i])
+			b.WriteString(tag + "***")
+			if rest < 0 {
+				last, i = len(s), len(s)
+				continue
+			}
+			b.WriteString(tag)
+			last = i + len(tag) + rest + len(tag)
+			i = last
+		default:
+			i++
+		}
+	}
+	b.WriteString(s[last:])
+	return b.String()
+}

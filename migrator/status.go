@@ -27,6 +27,9 @@ const (
 	StateAhead   State = "ahead"   // done, and the database knows migrations this binary does not
 	StatePaused  State = "paused"  // an operator paused the lane (Migrator.Pause); nothing runs
 	StatePausing State = "pausing" // paused, and the applier has not reached its next batch boundary yet
+	// StateDrift: applied migrations were renamed or changed since they were applied (see
+	// LaneStatus.Drift); set by AddDrift unless Config.AllowDrift.
+	StateDrift State = "drift"
 )
 
 // Failure is the last failed attempt of a lane, from the history table.
@@ -51,10 +54,24 @@ type LaneStatus struct {
 	Error        string   `json:"error"` // the last failed attempt's error while the lane is not past it; "" otherwise
 	Failure      *Failure `json:"failure,omitempty"`
 	Locked       bool     `json:"locked"`          // a session holds the lane's lock
-	Drift        []string `json:"drift,omitempty"` // applied files changed since (filled by AddDrift)
+	Drift        []string `json:"drift,omitempty"` // applied migrations renamed or changed since (filled by AddDrift)
 	Paused       bool     `json:"paused"`          // an operator paused the lane (Migrator.Pause)
 	// Progress is the running batched migration's durable progress; nil while none runs.
 	Progress *Progress `json:"progress"`
+}
+
+// Redacted returns the status with the string literals of its error and failed statement
+// masked (MaskLiterals), for outputs that anyone may read, such as an unauthenticated HTTP
+// endpoint: the error of a failing `alter role ... password '...'` quotes the password. The
+// history table and `lanes status`, read with database credentials, keep the text.
+func (s LaneStatus) Redacted() LaneStatus {
+	s.Error = MaskLiterals(s.Error)
+	if s.Failure != nil {
+		f := *s.Failure
+		f.Statement = MaskLiterals(f.Statement)
+		s.Failure = &f
+	}
+	return s
 }
 
 // Done reports whether every migration known to this binary is applied.
@@ -99,9 +116,11 @@ func (s statusQuery) run(ctx context.Context, q Querier) ([]LaneStatus, error) {
     and (classid::int8, objid::int8) in (%s) and objsubid = 1 and granted)`,
 			i, version, strings.Join(held, ", "))
 		if historyExists {
-			fmt.Fprintf(&b, `, h.version, h.name, h.error, h.sqlstate, h.statement, h.finished_at, h.checksum, h.id
+			// left(): rows written by earlier releases may hold a whole multi-megabyte statement;
+			// a status read (every replica, on every notification) fetches a bounded part only.
+			fmt.Fprintf(&b, `, h.version, h.name, left(h.error, %d), h.sqlstate, left(h.statement, %d), h.finished_at, h.checksum, h.id
 from (select 1) one left join lateral (select version, name, error, sqlstate, statement, finished_at, checksum, id from %s
-  where lane = '%s' order by id desc limit 1) h on true`, s.m.history.Quoted(), l.Name)
+  where lane = '%s' order by id desc limit 1) h on true`, maxErrorBytes, maxStatementBytes, s.m.history.Quoted(), l.Name)
 		} else {
 			b.WriteString(", null::int4, null::text, null::text, null::text, null::text, null::timestamptz, null::text, null::int8")
 		}
