@@ -373,10 +373,11 @@ type Status struct {
 
 // ReplicaView is what one replica knows, from its own migrations and its listener.
 type ReplicaView struct {
-	Ready         bool          `json:"ready"`
-	Listener      notifier.Mode `json:"listener"`
-	Notifications int           `json:"notifications"` // received by the listener
-	Lanes         []KnownLane   `json:"lanes"`
+	Ready         bool              `json:"ready"`
+	Listener      notifier.Delivery `json:"listener"`
+	Notifications int               `json:"notifications"` // received by the listener
+	Polls         int               `json:"polls"`         // state reads made because LISTEN was unavailable
+	Lanes         []KnownLane       `json:"lanes"`
 }
 
 // KnownLane is a lane as this replica last saw it.
@@ -395,7 +396,8 @@ type KnownLane struct {
 
 // View returns what this replica knows, without any query.
 func (r *Runtime) View() ReplicaView {
-	v := ReplicaView{Ready: r.Ready(), Listener: r.listener.Mode(), Notifications: r.listener.Stats().Notifications}
+	stats := r.listener.Stats()
+	v := ReplicaView{Ready: r.Ready(), Listener: r.listener.Delivery(), Notifications: stats.Notifications, Polls: stats.Polls}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, l := range r.lanes {
@@ -425,9 +427,6 @@ func (r *Runtime) Status(ctx context.Context) (Status, error) {
 	st.Lanes = lanes
 	return st, nil
 }
-
-// Listener returns the Runtime's LISTEN connection, for its mode and counters.
-func (r *Runtime) Listener() *notifier.Listener { return r.listener }
 
 // sync is the listener's handler: it re-reads the lanes' state from the database on every
 // (re)connect, notification and polling tick. A payload is never trusted: one that does not
@@ -477,7 +476,7 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 			})
 			return nil
 		}
-	} else if r.listener != nil && r.listener.Mode() == notifier.ModePolling {
+	} else if r.listener != nil && r.listener.Delivery() == notifier.DeliveryPolling {
 		via = "poll"
 	}
 	lanes, err := r.m.Status(ctx, conn)

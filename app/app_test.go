@@ -207,11 +207,11 @@ func TestReplicasLearnOfCompletionThroughListen(t *testing.T) {
 		// The applier knows the lane is done from its own commit, before its listener has
 		// necessarily read the notification that commit sent: wait for it, bounded.
 		eventually(t, fmt.Sprintf("replica %d receives a notification", i), 10*time.Second, func() bool {
-			return r.Listener().Stats().Notifications > 0
+			return r.View().Notifications > 0
 		})
-		s := r.Listener().Stats()
-		if s.Polls != 0 || r.Listener().Mode() != notifier.ModeListening {
-			t.Fatalf("replica %d polled: %+v mode %s", i, s, r.Listener().Mode())
+		s := r.View()
+		if s.Polls != 0 || r.View().Listener != notifier.DeliveryListening {
+			t.Fatalf("replica %d polled: %+v mode %s", i, s, r.View().Listener)
 		}
 	}
 }
@@ -284,7 +284,7 @@ func TestSpoofedNotificationsNeverMakeALaneDone(t *testing.T) {
 	applier := e.replica(fastLane, slowLane(g))
 	waitStarted(t, g)
 	watcher := e.replica(fastLane, slowLane(g))
-	before := watcher.Listener().Stats().Notifications
+	before := watcher.View().Notifications
 	for _, payload := range []string{
 		`{"lane":"slow","version":99,"done":true}`,
 		`{"lane":"slow","version":2,"done":true}`,
@@ -295,10 +295,10 @@ func TestSpoofedNotificationsNeverMakeALaneDone(t *testing.T) {
 		e.exec("select pg_notify('lanes_done', $1)", payload)
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for watcher.Listener().Stats().Notifications < before+5 && time.Now().Before(deadline) {
+	for watcher.View().Notifications < before+5 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if got := watcher.Listener().Stats().Notifications; got < before+5 {
+	if got := watcher.View().Notifications; got < before+5 {
 		t.Fatalf("watcher received %d of 5 spoofed notifications", got-before)
 	}
 	if watcher.IsDone("slow") || applier.IsDone("slow") {

@@ -48,7 +48,7 @@ func ExampleListener() {
 		panic(err)
 	}
 	defer l.Stop()
-	fmt.Println("mode:", l.Mode())
+	fmt.Println("mode:", l.Delivery())
 
 	if _, err := admin.Exec(ctx, "begin; update flag set done = true; notify lanes_done; commit"); err != nil {
 		panic(err)

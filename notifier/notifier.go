@@ -88,15 +88,16 @@ func (c *Config) setDefaults() {
 	}
 }
 
-// Mode is how a Listener currently learns of changes.
-type Mode string
+// Delivery is how notifications currently reach a Listener: listening, polling, or neither
+// (connecting, stopped).
+type Delivery string
 
-// Listener modes.
+// The ways notifications reach a Listener.
 const (
-	ModeConnecting Mode = "connecting" // no usable connection right now
-	ModeListening  Mode = "listening"  // LISTEN works: no queries beyond pings
-	ModePolling    Mode = "polling"    // LISTEN is unavailable: the handler runs every PollInterval
-	ModeStopped    Mode = "stopped"
+	DeliveryConnecting Delivery = "connecting" // no usable connection right now
+	DeliveryListening  Delivery = "listening"  // LISTEN works: no queries beyond pings
+	DeliveryPolling    Delivery = "polling"    // LISTEN is unavailable: the handler runs every PollInterval
+	DeliveryStopped    Delivery = "stopped"
 )
 
 // Listener is a LISTEN connection with reconnects. Its methods are safe for concurrent use.
@@ -107,7 +108,7 @@ type Listener struct {
 	log        zerolog.Logger
 
 	mu          sync.Mutex
-	mode        Mode
+	mode        Delivery
 	started     bool
 	stopped     bool
 	startCancel context.CancelFunc // cancels a Start still connecting
@@ -143,7 +144,7 @@ func New(connConfig *pgx.ConnConfig, cfg Config, handler Handler) (*Listener, er
 	if cfg.ReconnectMax < cfg.ReconnectMin {
 		cfg.ReconnectMax = cfg.ReconnectMin
 	}
-	return &Listener{connConfig: connConfig.Copy(), cfg: cfg, handler: handler, log: cfg.Logger, mode: ModeConnecting}, nil
+	return &Listener{connConfig: connConfig.Copy(), cfg: cfg, handler: handler, log: cfg.Logger, mode: DeliveryConnecting}, nil
 }
 
 // Start connects, LISTENs and runs the handler once, synchronously, so a configuration error
@@ -169,7 +170,7 @@ func (l *Listener) Start(ctx context.Context) error {
 	l.mu.Lock()
 	stopped := l.stopped
 	if stopped || err != nil {
-		l.mode = ModeStopped // no connection: claim no mode
+		l.mode = DeliveryStopped // no connection: claim no mode
 		l.mu.Unlock()
 		if conn != nil {
 			l.close(conn)
@@ -192,7 +193,7 @@ func (l *Listener) Start(ctx context.Context) error {
 
 // Stop stops the listener and waits for its goroutine to end and its connection to close; a
 // Start still connecting is cancelled and waited for. Once Stop returns nothing of the
-// Listener runs and its Mode is ModeStopped. It is idempotent and safe to call when Start
+// Listener runs and its Delivery is DeliveryStopped. It is idempotent and safe to call when Start
 // failed or was never called.
 func (l *Listener) Stop() {
 	l.mu.Lock()
@@ -210,11 +211,11 @@ func (l *Listener) Stop() {
 		cancel()
 		<-done
 	}
-	l.setMode(ModeStopped)
+	l.setDelivery(DeliveryStopped)
 }
 
-// Mode returns how the listener currently learns of changes.
-func (l *Listener) Mode() Mode {
+// Delivery returns how notifications currently reach the listener.
+func (l *Listener) Delivery() Delivery {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.mode
@@ -227,7 +228,7 @@ func (l *Listener) Stats() Stats {
 	return l.stats
 }
 
-func (l *Listener) setMode(m Mode) {
+func (l *Listener) setDelivery(m Delivery) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.mode = m
@@ -261,7 +262,7 @@ func (l *Listener) run(ctx context.Context, conn *pgx.Conn, listening bool) {
 			}
 			attempt = 0
 		}
-		l.setMode(ModeConnecting)
+		l.setDelivery(DeliveryConnecting)
 		wait := time.Duration(0)
 		if attempt > 0 {
 			wait = backoff.Exponential(attempt-1, l.cfg.ReconnectMin, l.cfg.ReconnectMax)
@@ -313,9 +314,9 @@ func (l *Listener) connect(ctx context.Context) (*pgx.Conn, bool, error) {
 		return nil, false, err
 	}
 	if listening {
-		l.setMode(ModeListening)
+		l.setDelivery(DeliveryListening)
 	} else {
-		l.setMode(ModePolling)
+		l.setDelivery(DeliveryPolling)
 	}
 	return conn, listening, nil
 }

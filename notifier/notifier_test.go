@@ -129,8 +129,8 @@ func TestNotificationTriggersARead(t *testing.T) {
 	}
 	e.commit(1)
 	eventually(t, "state 1 seen", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
-	if _, _, hints := s.get(); hints != 1 || l.Mode() != notifier.ModeListening {
-		t.Fatalf("hints = %d, mode = %s", hints, l.Mode())
+	if _, _, hints := s.get(); hints != 1 || l.Delivery() != notifier.DeliveryListening {
+		t.Fatalf("hints = %d, mode = %s", hints, l.Delivery())
 	}
 	// A rolled-back transaction notifies nobody.
 	e.exec("begin; update state set v = 9; select pg_notify('lanes_done', 'v9'); rollback")
@@ -155,7 +155,7 @@ func TestReconnectAfterTerminateReadsWhatWasMissed(t *testing.T) {
 	if st := l.Stats(); st.Connects < 2 {
 		t.Fatalf("connects = %d, want a reconnect", st.Connects)
 	}
-	eventually(t, "listening again", 5*time.Second, func() bool { return l.Mode() == notifier.ModeListening })
+	eventually(t, "listening again", 5*time.Second, func() bool { return l.Delivery() == notifier.DeliveryListening })
 	e.commit(2)
 	eventually(t, "state 2 seen by notification", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 2 })
 }
@@ -173,7 +173,7 @@ func TestHalfOpenConnectionIsDetectedByPing(t *testing.T) {
 	if v, _, _ := s.get(); v != 0 {
 		t.Fatal("state seen through a black hole")
 	}
-	if l.Mode() == notifier.ModeListening {
+	if l.Delivery() == notifier.DeliveryListening {
 		t.Fatal("listener still believes a half-open connection is listening")
 	}
 	proxy.SetBlackhole(false)
@@ -193,8 +193,8 @@ func TestDeafListenFallsBackToPollingAndLogsOnce(t *testing.T) {
 	l := e.listener(cc, s, notifier.Config{PollInterval: 50 * time.Millisecond, RelistenInterval: 300 * time.Millisecond,
 		ProbeTimeout: 200 * time.Millisecond, ReconnectMin: 10 * time.Millisecond, ReconnectMax: 20 * time.Millisecond,
 		Logger: zerolog.New(&logs)})
-	if l.Mode() != notifier.ModePolling {
-		t.Fatalf("mode = %s, want polling", l.Mode())
+	if l.Delivery() != notifier.DeliveryPolling {
+		t.Fatalf("mode = %s, want polling", l.Delivery())
 	}
 	e.commit(1)
 	eventually(t, "state 1 seen by polling", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
@@ -206,7 +206,7 @@ func TestDeafListenFallsBackToPollingAndLogsOnce(t *testing.T) {
 		t.Fatalf("stats = %+v", st)
 	}
 	proxy.SetDeaf(false)
-	eventually(t, "listening again", 5*time.Second, func() bool { return l.Mode() == notifier.ModeListening })
+	eventually(t, "listening again", 5*time.Second, func() bool { return l.Delivery() == notifier.DeliveryListening })
 	if !strings.Contains(logs.String(), "LISTEN works again") {
 		t.Fatalf("recovery not logged:\n%s", logs.String())
 	}
@@ -284,19 +284,24 @@ func TestStopDuringStartLeavesNothingRunning(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Stop did not return while Start was in its handler")
 	}
+	// Stop has waited for Start's work (the connection is closed, the delivery is stopped, see
+	// below); Start's own return is then only the goroutine's send, so it is awaited, bounded.
+	if !conn.IsClosed() {
+		t.Error("the connection Start opened is still open when Stop returns")
+	}
 	select {
 	case err := <-startErr:
 		if err == nil {
 			t.Fatal("Start returned nil although Stop ran during it")
 		}
-	default:
-		t.Fatal("Stop returned before Start did")
+	case <-time.After(5 * time.Second):
+		t.Fatal("Start did not return after Stop")
 	}
 	if !conn.IsClosed() {
 		t.Error("the connection Start opened is still open after Stop")
 	}
-	if m := l.Mode(); m != notifier.ModeStopped {
-		t.Errorf("mode after Stop during Start = %s, want %s", m, notifier.ModeStopped)
+	if m := l.Delivery(); m != notifier.DeliveryStopped {
+		t.Errorf("mode after Stop during Start = %s, want %s", m, notifier.DeliveryStopped)
 	}
 	if err := l.Start(context.Background()); err == nil {
 		t.Error("Start after Stop succeeded")
