@@ -3,6 +3,7 @@ package migrator
 import (
 	"context"
 	"fmt"
+	"hash/fnv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -54,4 +55,52 @@ func (l *laneLock) unlock(ctx context.Context) error {
 		return fmt.Errorf("release advisory lock %d: %w", l.keys[0], err)
 	}
 	return nil
+}
+
+// lockKey derives an advisory lock key from the table name as written: "multi-lanes:" and the
+// name, hashed. A lane's lock uses the key of its resolved, schema-qualified version table (see
+// resolveTables), so two lanes share a lock only when they share a version table, however it is
+// spelt. The key differs from tern's constant lock number, so a lane never waits for tern's lock,
+// nor tern for a lane's.
+func (t tableName) lockKey() int64 {
+	h := fnv.New64a()
+	h.Write([]byte("multi-lanes:" + t.String()))
+	return int64(h.Sum64())
+}
+
+// lockKeys returns the advisory lock keys of a lane whose version table resolved to r: the key
+// of the qualified name, then the key of the name as configured when it differs (the only key of
+// releases before version tables were resolved), so that a replica of such a release and one of
+// this release never apply a lane at the same time.
+func (l *loadedLane) lockKeys(r resolvedTable) []int64 {
+	keys := []int64{r.table.lockKey()}
+	if legacy := l.table.lockKey(); legacy != keys[0] {
+		keys = append(keys, legacy)
+	}
+	return keys
+}
+
+// setupLockKey serialises creating the shared history table across lanes and processes.
+var setupLockKey = func() int64 {
+	h := fnv.New64a()
+	h.Write([]byte("multi-lanes:setup"))
+	return int64(h.Sum64())
+}()
+
+// LockKey returns the key of the lane's session-level advisory lock, for operators who want to
+// see who holds it (pg_locks: classid = key>>32, objid = key&0xffffffff, objsubid = 1). The key
+// is derived from the lane's version table as resolved by the session q (schema-qualified, see
+// Migrate), so it costs one query. A lane whose version table is configured without the schema
+// it resolves to is also locked with the key of the name as configured, the only key of earlier
+// releases; an applier holds both.
+func (m *Migrator) LockKey(ctx context.Context, q Querier, lane string) (int64, error) {
+	l, ok := m.byName[lane]
+	if !ok {
+		return 0, fmt.Errorf("lane %q: %w", lane, ErrUnknownLane)
+	}
+	tables, _, err := m.resolveTables(ctx, q)
+	if err != nil {
+		return 0, err
+	}
+	return tables[l.index].table.lockKey(), nil
 }

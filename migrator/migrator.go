@@ -170,24 +170,6 @@ func (m *Migrator) Lane(name string) (LaneInfo, bool) {
 	return LaneInfo{Name: l.Name, Mode: l.Mode, VersionTable: l.table.String(), Latest: l.latest(), Migrations: l.migrations}, true
 }
 
-// LockKey returns the key of the lane's session-level advisory lock, for operators who want to
-// see who holds it (pg_locks: classid = key>>32, objid = key&0xffffffff, objsubid = 1). The key
-// is derived from the lane's version table as resolved by the session q (schema-qualified, see
-// Migrate), so it costs one query. A lane whose version table is configured without the schema
-// it resolves to is also locked with the key of the name as configured, the only key of earlier
-// releases; an applier holds both.
-func (m *Migrator) LockKey(ctx context.Context, q Querier, lane string) (int64, error) {
-	l, ok := m.byName[lane]
-	if !ok {
-		return 0, fmt.Errorf("lane %q: %w", lane, ErrUnknownLane)
-	}
-	tables, _, err := m.resolveTables(ctx, q)
-	if err != nil {
-		return 0, err
-	}
-	return tables[l.index].table.lockKey(), nil
-}
-
 // Channel returns the NOTIFY channel.
 func (m *Migrator) Channel() string { return m.cfg.Channel }
 
@@ -417,30 +399,6 @@ func (m *Migrator) Version(ctx context.Context, q Querier, lane string) (int32, 
 		return 0, fmt.Errorf("lane %q: %w", lane, ErrUnknownLane)
 	}
 	return readVersion(ctx, q, l.table)
-}
-
-// failedBefore returns a *MigrationError wrapping ErrFailedBefore when the lane's last recorded
-// attempt was this very migration (same version and checksum) and failed permanently.
-func (m *Migrator) failedBefore(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration) error {
-	var (
-		version       int32
-		checksum      string
-		msg, sqlstate *string
-	)
-	err := conn.QueryRow(ctx, fmt.Sprintf("select version, checksum, left(error, %d), sqlstate from ", maxErrorBytes)+m.history.Quoted()+
-		" where lane = $1 and id > coalesce((select retry_from from "+m.controlTable().Quoted()+" where lane = $1), 0) order by id desc limit 1", l.Name).Scan(&version, &checksum, &msg, &sqlstate)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("lane %q: read history: %w", l.Name, err)
-	}
-	if msg == nil || version != mig.Version || checksum != mig.Checksum || TransientSQLState(deref(sqlstate)) {
-		return nil
-	}
-	// The recorded message already names the lane, file and statement.
-	return &MigrationError{Lane: l.Name, Version: mig.Version, File: mig.Name,
-		SQLState: deref(sqlstate), Err: fmt.Errorf("%w: %s", ErrFailedBefore, *msg)}
 }
 
 // readVersion reads a lane's version without any lock; a missing version table is version 0.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -50,17 +49,6 @@ func (t tableName) Quoted() string {
 		return pgx.Identifier{t.Name}.Sanitize()
 	}
 	return pgx.Identifier{t.Schema, t.Name}.Sanitize()
-}
-
-// lockKey derives an advisory lock key from the table name as written: "multi-lanes:" and the
-// name, hashed. A lane's lock uses the key of its resolved, schema-qualified version table (see
-// resolveTables), so two lanes share a lock only when they share a version table, however it is
-// spelt. The key differs from tern's constant lock number, so a lane never waits for tern's lock,
-// nor tern for a lane's.
-func (t tableName) lockKey() int64 {
-	h := fnv.New64a()
-	h.Write([]byte("multi-lanes:" + t.String()))
-	return int64(h.Sum64())
 }
 
 // resolvedTable is a lane's version table as one session sees it.
@@ -121,25 +109,6 @@ order by u.i`, names, schemas, m.history.Quoted())
 	return out, historyExists, nil
 }
 
-// lockKeys returns the advisory lock keys of a lane whose version table resolved to r: the key
-// of the qualified name, then the key of the name as configured when it differs (the only key of
-// releases before version tables were resolved), so that a replica of such a release and one of
-// this release never apply a lane at the same time.
-func (l *loadedLane) lockKeys(r resolvedTable) []int64 {
-	keys := []int64{r.table.lockKey()}
-	if legacy := l.table.lockKey(); legacy != keys[0] {
-		keys = append(keys, legacy)
-	}
-	return keys
-}
-
-// setupLockKey serialises creating the shared history table across lanes and processes.
-var setupLockKey = func() int64 {
-	h := fnv.New64a()
-	h.Write([]byte("multi-lanes:setup"))
-	return int64(h.Sum64())
-}()
-
 // ensureVersionTable creates the lane's version table in tern's format (one row, version int4
 // not null primary key, starting at 0) when it does not exist. t is the resolved, qualified
 // name. The caller holds the lane lock.
@@ -177,50 +146,6 @@ func ensureVersionTable(ctx context.Context, conn *pgx.Conn, lane string, t, his
 insert into %s(version) select 0 where not exists (select 1 from %s)`, q, q, q))
 	if err != nil {
 		return fmt.Errorf("create version table %s: %w", t, err)
-	}
-	return nil
-}
-
-// ensureHistoryTable creates the history table shared by all lanes when it does not exist.
-// Lanes run concurrently on different connections, so creation is serialised with a
-// transaction-level advisory lock held only for the few milliseconds of the DDL.
-func ensureHistoryTable(ctx context.Context, conn *pgx.Conn, t tableName) error {
-	var exists bool
-	if err := conn.QueryRow(ctx, "select to_regclass($1) is not null", t.Quoted()).Scan(&exists); err != nil {
-		return fmt.Errorf("look up history table %s: %w", t, err)
-	}
-	if exists {
-		return nil
-	}
-	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "select pg_advisory_xact_lock($1)", setupLockKey); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, fmt.Sprintf(`create table if not exists %s (
-  id bigint generated always as identity primary key,
-  lane text not null,
-  version int4 not null,
-  name text not null,
-  checksum text not null,
-  started_at timestamptz not null,
-  finished_at timestamptz not null,
-  duration interval generated always as (finished_at - started_at) stored,
-  host text not null,
-  pid int4 not null,
-  application_name text not null,
-  error text,
-  sqlstate text,
-  statement text
-)`, t.Quoted()))
-		if err != nil {
-			return err
-		}
-		_, err = tx.Exec(ctx, fmt.Sprintf("create index if not exists %s on %s (lane, id)",
-			pgx.Identifier{t.Name + "_lane_idx"}.Sanitize(), t.Quoted()))
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("create history table %s: %w", t, err)
 	}
 	return nil
 }
