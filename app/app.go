@@ -561,43 +561,6 @@ func (r *Runtime) updateLocked(lanes []migrator.LaneStatus, via string) {
 	}
 }
 
-// check runs on the listener's connection every PingInterval, in place of its ping. For each
-// background lane this replica waits for, it asks in one statement whether the lane's lock is
-// free (taking and releasing it at once); if so it marks the lane unlocked, which wakes the
-// waiting goroutine to take the lane over. With no lane to watch it is a plain ping.
-func (r *Runtime) check(ctx context.Context, conn *pgx.Conn) error {
-	var waiting []string
-	r.mu.Lock()
-	for _, l := range r.lanes {
-		if s := r.state[l.Name]; s.role == "waiting" && !s.status.Done() {
-			waiting = append(waiting, l.Name)
-		}
-	}
-	r.mu.Unlock()
-	if len(waiting) == 0 {
-		return conn.Ping(ctx)
-	}
-	for _, lane := range waiting {
-		key, err := r.m.LockKey(ctx, conn, lane)
-		if err != nil {
-			return err
-		}
-		var free bool
-		if err := conn.QueryRow(ctx, "select case when pg_try_advisory_lock($1) then pg_advisory_unlock($1) else false end", key).Scan(&free); err != nil {
-			return err
-		}
-		if free {
-			r.setLocked(lane, false, "check")
-		}
-	}
-	return nil
-}
-
-// setLocked records whether the lane's lock was seen held.
-func (r *Runtime) setLocked(lane string, locked bool, via string) {
-	r.modify(lane, via, func(st *migrator.LaneStatus) { st.Locked = locked })
-}
-
 // setMigrating records whether this replica's own Migrate call on the lane runs; when it ends,
 // a "lane done" line held back meanwhile is logged, after the files' "OK" lines.
 func (r *Runtime) setMigrating(lane string, on bool) {

@@ -10,9 +10,10 @@ import (
 	"testing/fstest"
 	"time"
 
+	"os"
+
 	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
-	"os"
 
 	"github.com/multilanes/lanes/app"
 	"github.com/multilanes/lanes/internal/faultproxy"

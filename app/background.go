@@ -144,39 +144,6 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 	}
 }
 
-// waitForHolder waits while another session holds the lane's lock: until the listener reports
-// the lane done or its lock free, or TakeoverInterval passes, or ctx is done.
-func (r *Runtime) waitForHolder(ctx context.Context, lane string) error {
-	t := time.NewTimer(backoff.Jitter(r.cfg.TakeoverInterval))
-	defer t.Stop()
-	for {
-		st, changed := r.laneStatus(lane)
-		if st.Done() || !st.Locked {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-t.C:
-			return nil
-		case <-changed:
-		}
-	}
-}
-
-// waitForChange waits until the lane's state changes, TakeoverInterval passes or ctx is done.
-func (r *Runtime) waitForChange(ctx context.Context, changed <-chan struct{}) error {
-	t := time.NewTimer(backoff.Jitter(r.cfg.TakeoverInterval))
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-changed:
-	case <-t.C:
-	}
-	return nil
-}
-
 // failed records this replica's own permanent failure in its state at once, without waiting for
 // the notification, so the lane is not retried in the meantime.
 func (r *Runtime) failed(l migrator.LaneInfo, me *migrator.MigrationError) {
