@@ -48,8 +48,9 @@ const defaultConnectTimeout = 10 * time.Second
 // Main runs the lanes command line with args (the arguments after the program name) and returns
 // the process exit code (ExitOK, ExitError, ExitUsage or ExitTimeout). Environment variables are
 // read from the process. Cancelling ctx stops the running command: serve then shuts down
-// gracefully and returns ExitOK.
-func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+// gracefully and returns ExitOK. built holds what a binary of the user's own adds (the public
+// entry point is lanescli.Main); the zero value is the stock binary.
+func Main(ctx context.Context, args []string, stdout, stderr io.Writer, built Built) int {
 	return run(ctx, args, &env{
 		stdout:   stdout,
 		stderr:   stderr,
@@ -57,6 +58,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		terminal: isTerminal(stderr),
 		now:      time.Now,
 		demo:     defaultDemoOptions(),
+		built:    built,
 	})
 }
 
@@ -68,6 +70,7 @@ type env struct {
 	now            func() time.Time // durations in logs and the migrators' history times
 	demo           demoOptions
 	onListen       func(net.Addr) // serve: called once the HTTP listener is bound; may be nil
+	built          Built          // lanes and Go migrations built into the binary
 }
 
 // isTerminal reports whether w is a character device such as a terminal.
@@ -180,36 +183,6 @@ func target(cfg *pgx.ConnConfig) string {
 		db = cfg.User
 	}
 	return fmt.Sprintf("host=%s port=%d user=%s database=%s", cfg.Host, cfg.Port, cfg.User, db)
-}
-
-// errNoMigrations is the usage error of a command that needs migrations when neither
-// --migrations nor LANES_MIGRATIONS is set.
-func errNoMigrations(command string) error {
-	return usageErrorf("%s needs the migrations: set --migrations DIR or LANES_MIGRATIONS to the folder holding one subfolder per lane (only 'lanes demo' uses the embedded demo migrations)", command)
-}
-
-// laneSpecs returns the lanes to load from the --migrations folder. Without one it is a usage
-// error, and nothing is touched: the embedded demo migrations belong to the demo command alone.
-func (c *command) laneSpecs() ([]migrator.Lane, error) {
-	decls, err := migrator.ParseLaneDecls(c.set.lanes)
-	if err != nil {
-		return nil, usageErrorf("invalid lanes (--lanes or LANES_LANES): %w", err)
-	}
-	if c.set.migrations == "" {
-		return nil, errNoMigrations(c.name)
-	}
-	st, err := os.Stat(c.set.migrations)
-	if err != nil {
-		return nil, fmt.Errorf("migrations folder (--migrations or LANES_MIGRATIONS): %w", err)
-	}
-	if !st.IsDir() {
-		return nil, fmt.Errorf("migrations folder (--migrations or LANES_MIGRATIONS) %s is not a folder", c.set.migrations)
-	}
-	lanes, err := migrator.LanesFromFS(os.DirFS(c.set.migrations), decls)
-	if err != nil {
-		return nil, fmt.Errorf("migrations folder %s: %w", c.set.migrations, err)
-	}
-	return lanes, nil
 }
 
 // migrator loads the lanes and returns a Migrator for the configured database. It does not

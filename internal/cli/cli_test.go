@@ -714,3 +714,39 @@ func TestConnectionErrorSaidOnce(t *testing.T) {
 		t.Errorf("want one refusal, no password: %v", res)
 	}
 }
+
+// The stock binary on the repository's own migrations/ folder, whose slow lane starts with a Go
+// migration (version 1, no file), says which version is missing and that it is probably a Go
+// migration needing a binary built with lanescli; it connects to nothing. Before, it said only
+// "missing migration 1".
+func TestStockBinaryNamesTheMissingGoMigration(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var accepted atomic.Int32
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			c.Close()
+		}
+	}()
+	vars := map[string]string{"DATABASE_URL": "postgres://nobody@" + ln.Addr().String() + "/none?sslmode=disable&connect_timeout=2",
+		"LANES_MIGRATIONS": filepath.Join("..", "..", "migrations"), "LANES_LOG_FORMAT": "json"}
+	for _, args := range [][]string{{"migrate"}, {"status"}, {"wait", "--lane", "fast"}, {"serve", "--addr", "127.0.0.1:0"}} {
+		res := runCLI(t, vars, args...)
+		if res.code != ExitError || !strings.Contains(res.stderr, `lane \"slow\": version 1 is missing`) ||
+			!strings.Contains(res.stderr, "Go migration") || !strings.Contains(res.stderr, "lanescli") {
+			t.Errorf("%q on the repository's migrations folder: %v", args, res)
+		}
+	}
+	if n := accepted.Load(); n != 0 {
+		t.Errorf("%d connections made", n)
+	}
+}
