@@ -166,4 +166,3 @@ func laneNames(lanes []migrator.Lane) string {
 	}
 	return strings.Join(names, ", ")
 }
-
