@@ -102,7 +102,7 @@ func TestRepositoryMigrationsWithTheirGoMigrations(t *testing.T) {
 	}
 	// The stock binary (a zero Config) on the same folder says which version is missing and why.
 	res = run(t, lanescli.Config{}, append(flags, "status")...)
-	if res.code != lanescli.ExitError || !strings.Contains(res.stderr, `lane \"slow\": version 1 is missing`) || !strings.Contains(res.stderr, "lanescli") {
+	if res.code != lanescli.ExitError || !strings.Contains(res.stderr, `lane \"slow\": missing migration 1`) || !strings.Contains(res.stderr, "lanescli") {
 		t.Fatalf("stock binary on a lane with a Go migration: %v", res)
 	}
 }
@@ -124,7 +124,7 @@ func TestRegisteredGoMigrationsAreChecked(t *testing.T) {
 	flags := []string{"--database-url", "postgres://nobody@127.0.0.1:1/none", "--migrations", dir}
 	gap := lanescli.Config{Funcs: map[string][]migrator.GoMigration{"slow": {{Version: 1, Name: "one", Up: nop}}}}
 	res := run(t, gap, append(flags, "status")...)
-	if res.code != lanescli.ExitError || !strings.Contains(res.stderr, "version 2 is missing") || !strings.Contains(res.stderr, "registered in this binary") {
+	if res.code != lanescli.ExitError || !strings.Contains(res.stderr, "missing migration 2") || !strings.Contains(res.stderr, "registered in this binary") {
 		t.Errorf("custom binary with a hole: %v", res)
 	}
 	stray := lanescli.Config{Funcs: map[string][]migrator.GoMigration{"reports": {{Version: 1, Name: "one", Up: nop}}}}

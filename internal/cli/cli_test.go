@@ -718,7 +718,7 @@ func TestConnectionErrorSaidOnce(t *testing.T) {
 // The stock binary on the repository's own migrations/ folder, whose slow lane starts with a Go
 // migration (version 1, no file), says which version is missing and that it is probably a Go
 // migration needing a binary built with lanescli; it connects to nothing. Before, it said only
-// "missing migration 1".
+// "missing migration 1: numbers run from 1 without gaps".
 func TestStockBinaryNamesTheMissingGoMigration(t *testing.T) {
 	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -741,7 +741,7 @@ func TestStockBinaryNamesTheMissingGoMigration(t *testing.T) {
 		"LANES_MIGRATIONS": filepath.Join("..", "..", "migrations"), "LANES_LOG_FORMAT": "json"}
 	for _, args := range [][]string{{"migrate"}, {"status"}, {"wait", "--lane", "fast"}, {"serve", "--addr", "127.0.0.1:0"}} {
 		res := runCLI(t, vars, args...)
-		if res.code != ExitError || !strings.Contains(res.stderr, `lane \"slow\": version 1 is missing`) ||
+		if res.code != ExitError || !strings.Contains(res.stderr, `lane \"slow\": missing migration 1`) ||
 			!strings.Contains(res.stderr, "Go migration") || !strings.Contains(res.stderr, "lanescli") {
 			t.Errorf("%q on the repository's migrations folder: %v", args, res)
 		}

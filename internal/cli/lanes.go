@@ -146,10 +146,10 @@ func checkGaps(lanes []migrator.Lane, custom bool) error {
 			for ; have[next] == ""; next++ {
 			}
 			if !custom {
-				return fmt.Errorf("lane %q: version %d is missing (the folder goes on with %s): it is probably a Go migration, which this stock lanes binary cannot run; build a binary of your own with the package github.com/multilanes/lanes/lanescli, registering the lane's Go migrations in lanescli.Config.Funcs",
+				return fmt.Errorf("lane %q: missing migration %d (the folder goes on with %s): it is probably a Go migration, which this stock lanes binary cannot run; build a binary of your own with the package github.com/multilanes/lanes/lanescli, registering the lane's Go migrations in lanescli.Config.Funcs",
 					l.Name, n, have[next])
 			}
-			return fmt.Errorf("lane %q: version %d is missing (the lane goes on with %s): neither a file of the folder nor a Go migration registered in this binary has that number",
+			return fmt.Errorf("lane %q: missing migration %d (the lane goes on with %s): neither a file of the folder nor a Go migration registered in this binary has that number",
 				l.Name, n, have[next])
 		}
 	}
