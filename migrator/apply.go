@@ -64,7 +64,9 @@ func (m *Migrator) stillInTx(conn *pgx.Conn, mig *Migration, want byte) error {
 	case want == 'T' && got == 'I':
 		why = "it ended the transaction it runs in (a COMMIT, END or ROLLBACK inside it, or a Go migration ending it through tx.Conn()): what it did before that may be committed, but its version is not recorded; a transactional migration must not end its transaction (use a disable-tx file or GoMigration.UpNoTx for work that needs transactions of its own)"
 	case want == 'T' && got == 'E':
-		return nil // a failed transaction: recording fails and the whole transaction rolls back
+		// A statement failed and the migration returned no error (a Go migration that dropped
+		// it): recording would fail with "current transaction is aborted"; say what happened.
+		return m.wrap(mig, statement{}, errors.New("a statement of the migration failed but the migration returned no error: its transaction is aborted and rolls back; nothing is recorded"))
 	case want == 'I':
 		why = "it left a transaction open although it runs outside one: its version is not recorded; commit or roll back what it begins"
 	default:

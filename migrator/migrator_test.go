@@ -714,3 +714,21 @@ func TestLocatingAFailureRunsNothingAgain(t *testing.T) {
 		t.Fatalf("u has %d rows after the failed migration", n)
 	}
 }
+
+// When the statements the server completed do not map onto the file's statements (here the
+// splitter, like psql, takes a BEGIN in a CREATE FUNCTION for a body and sees one statement
+// where the server runs two), the error says the statement could not be located and names
+// none, rather than a wrong one.
+func TestUnlocatableFailureNamesNoStatement(t *testing.T) {
+	t.Parallel()
+	cc, _ := setup(t)
+	ctx := ctxT(t)
+	lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{
+		"001_odd.sql": file("create function odd() returns int language sql set search_path = begin as 'select 1';\nselect 1/0;"),
+	}}
+	_, err := newMigrator(t, cc, lane).Migrate(ctx, "fast")
+	var me *migrator.MigrationError
+	if !errors.As(err, &me) || !errors.Is(err, migrator.ErrNotLocated) || me.Statement != "" || me.SQLState != "22012" {
+		t.Fatalf("err = %v (%#v), want ErrNotLocated, no statement, SQLSTATE 22012", err, me)
+	}
+}

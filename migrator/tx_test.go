@@ -253,3 +253,25 @@ func TestGoMigrationWithoutTransaction(t *testing.T) {
 		t.Fatalf("both Up and UpNoTx: err = %v", err)
 	}
 }
+
+// A Go migration that swallows a failed statement's error is told so, and nothing stays.
+func TestGoMigrationSwallowingAnErrorIsRolledBack(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	lane := migrator.Lane{Name: "fast", Funcs: []migrator.GoMigration{{Version: 1, Name: "swallow", Up: func(ctx context.Context, tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "create table made (i int)"); err != nil {
+			return err
+		}
+		_, _ = tx.Exec(ctx, "select 1/0") // the error is dropped
+		return nil
+	}}}}
+	_, err := newMigrator(t, cc, lane).Migrate(ctx, "fast")
+	var me *migrator.MigrationError
+	if !errors.As(err, &me) || me.File != "001_swallow.go" || !strings.Contains(err.Error(), "returned no error") {
+		t.Fatalf("err = %v", err)
+	}
+	if n := queryInt(t, conn, "select count(*) from pg_class where relname = 'made'"); n != 0 {
+		t.Fatal("the aborted migration left its table")
+	}
+}
