@@ -58,6 +58,8 @@ type Runtime struct {
 
 	listener *notifier.Listener
 	pool     *pgxpool.Pool
+	metrics  *metrics
+	trace    *migrator.Trace // feeds metrics from the migrator's calls
 
 	mu          sync.Mutex
 	state       map[string]*laneState
@@ -113,6 +115,8 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 			done:   make(chan struct{}),
 		}
 	}
+	r.metrics = newMetrics(r)
+	r.trace = r.metrics.trace()
 	ncfg := cfg.Notifier
 	ncfg.Channel = m.Channel()
 	ncfg.Logger = cfg.Logger.With().Str("component", "notifier").Logger()
@@ -186,7 +190,7 @@ func (r *Runtime) start(sctx, ctx context.Context) error {
 			continue // the listener's first read, made after LISTEN, found it applied
 		}
 		r.setMigrating(l.Name, true)
-		res, err := r.m.Migrate(sctx, l.Name)
+		res, err := r.m.Migrate(migrator.WithTrace(sctx, r.trace), l.Name)
 		r.setMigrating(l.Name, false)
 		if err != nil {
 			return fmt.Errorf("app: blocking %w", err)

@@ -41,6 +41,7 @@ func (r *Runtime) runBackground(ctx context.Context) {
 func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneInfo) error {
 	defer r.setRole(l.Name, "")
 	retries := 0
+	waited := false // another session held the lane's lock since this replica last ran it
 	for {
 		st, changed := r.laneStatus(l.Name)
 		if st.Done() {
@@ -72,7 +73,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 		}
 		r.setRole(l.Name, "applying")
 		r.setMigrating(l.Name, true)
-		res, err := r.m.TryMigrateOn(ctx, *conn, l.Name)
+		res, err := r.m.TryMigrateOn(migrator.WithTrace(ctx, r.trace), *conn, l.Name)
 		r.setMigrating(l.Name, false)
 		r.setRole(l.Name, "")
 		if (*conn).IsClosed() {
@@ -80,6 +81,13 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 		}
 		var me *migrator.MigrationError
 		var drift *migrator.DriftError
+		if waited && (res.Applied > 0 || errors.As(err, &me) && !errors.Is(err, migrator.ErrFailedBefore)) {
+			// This replica took the lock another session held, and ran (part of) the lane's
+			// work: it applied a migration, or one failed under its lock.
+			r.metrics.takeovers.WithLabelValues(l.Name).Inc()
+			r.log.Info().Str("lane", l.Name).Int32("from", res.From).Msg("took the background lane over")
+			waited = false
+		}
 		switch {
 		case err == nil:
 			retries = 0
@@ -114,7 +122,11 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			_ = (*conn).Close(cctx) // nothing is pending on it
 			cancel()
 			*conn = nil
-			if err := r.waitForHolder(ctx, l.Name); err != nil {
+			waited = true
+			began := time.Now()
+			err := r.waitForHolder(ctx, l.Name)
+			r.metrics.lockWait.WithLabelValues(l.Name).Add(time.Since(began).Seconds())
+			if err != nil {
 				return err
 			}
 		case errors.As(err, &drift):

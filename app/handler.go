@@ -7,6 +7,10 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -22,7 +26,9 @@ const statusTimeout = 5 * time.Second
 //   - GET /lanes: the lanes read fresh from the database (lock-free) plus this replica's view,
 //     as the JSON of Status with an "error" field; 503 with the replica's view when the
 //     database cannot be read. Errors are shown with their string literals masked
-//     (LaneStatus.Redacted).
+//     (LaneStatus.Redacted);
+//   - GET /metrics: the Prometheus text format of Collector, with the Go runtime's and the
+//     process's collectors, from a registry of the handler's own (never the global one).
 //
 // The handler is read-only: nothing it serves changes the database. It may be called before
 // Start (a starting replica answers /healthz and says what it waits for) and is safe for
@@ -35,6 +41,9 @@ func (r *Runtime) Handler() http.Handler {
 	})
 	mux.HandleFunc("GET /readyz", r.serveReadyz)
 	mux.HandleFunc("GET /lanes", r.serveLanes)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(r.metrics, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	return mux
 }
 

@@ -43,6 +43,7 @@ type walk struct {
 	throttled    string
 	health       string
 	lag          lagProbe
+	trace        *Trace
 }
 
 // applyBatched runs a batched migration: one transaction per batch, each committing the batch's
@@ -52,7 +53,7 @@ func (m *Migrator) applyBatched(ctx context.Context, conn *pgx.Conn, l *loadedLa
 	if err := m.ensureSideTables(ctx, conn); err != nil {
 		return m.wrap(mig, statement{}, err)
 	}
-	w := &walk{m: m, conn: conn, l: l, mig: mig, b: mig.batch, started: start,
+	w := &walk{m: m, conn: conn, l: l, mig: mig, b: mig.batch, started: start, trace: traceFrom(ctx),
 		log: m.cfg.Logger.With().Str("lane", l.Name).Int32("version", mig.Version).Str("file", mig.Name).Logger()}
 	if err := w.open(ctx); err != nil {
 		return err
@@ -333,6 +334,9 @@ func (w *walk) batch(ctx context.Context) (fin bool, err error) {
 	}
 	w.lastEnd = time.Now()
 	w.lastDur = w.lastEnd.Sub(t0)
+	if w.trace.BatchDone != nil {
+		w.trace.BatchDone(w.l.Name, mig.Version, n, w.lastDur)
+	}
 	if b.cursorFn != nil {
 		w.sz.observe(size, w.lastDur) // a cursor batch counts as size rows for the sizer
 	} else {
@@ -386,7 +390,7 @@ func (w *walk) between(ctx context.Context) error {
 	if cfg.MaxReplicationLag < 0 {
 		return nil
 	}
-	for {
+	for held := false; ; held = true {
 		reason, health, err := w.lag.check(ctx, w.conn, cfg.MaxReplicationLag)
 		if err != nil {
 			return w.m.wrap(w.mig, statement{}, err)
@@ -406,6 +410,9 @@ func (w *walk) between(ctx context.Context) error {
 		}
 		if reason != w.throttled {
 			w.log.Warn().Str("throttled", reason).Msg("batches held back")
+		}
+		if !held && w.trace.BatchThrottled != nil {
+			w.trace.BatchThrottled(w.l.Name, w.mig.Version, reason)
 		}
 		w.setThrottled(ctx, reason)
 		if paused, err := w.m.isPaused(ctx, w.conn, w.l.Name); err != nil {

@@ -279,23 +279,34 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	}
 
 	lock := &laneLock{conn: conn, keys: m.byName[name].lockKeys(resolved)}
+	trace := traceFrom(ctx)
+	var waitStart time.Time // set once the lock was found held and this call waits
 	for {
 		got, err := lock.tryLock(ctx)
 		if err != nil {
 			return res, fmt.Errorf("lane %q: %w", name, err)
 		}
 		if got {
+			if !waitStart.IsZero() {
+				trace.lockWaited(name, waitStart, true)
+			}
 			break
 		}
 		if !wait {
 			return res, fmt.Errorf("lane %q: %w", name, ErrLocked)
 		}
+		if waitStart.IsZero() {
+			waitStart = time.Now()
+		}
 		if err := backoff.Sleep(ctx, backoff.Jitter(m.cfg.LockPollInterval)); err != nil {
+			trace.lockWaited(name, waitStart, false)
 			return res, fmt.Errorf("lane %q: wait for lock: %w", name, err)
 		}
 		if v, err = readVersion(ctx, conn, l.table); err != nil {
+			trace.lockWaited(name, waitStart, false)
 			return res, fmt.Errorf("lane %q: %w", name, err)
 		} else if v >= l.latest() {
+			trace.lockWaited(name, waitStart, false)
 			return done(v)
 		}
 	}
@@ -358,7 +369,7 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	}
 	for ; v < l.latest(); v++ {
 		mig := l.migrations[v]
-		start := m.cfg.Now()
+		start, began := m.cfg.Now(), time.Now()
 		if err := m.apply(ctx, conn, l, mig, start); err != nil {
 			if errors.Is(err, ErrPaused) {
 				res.To = v
@@ -366,9 +377,11 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 			}
 			failure = m.recordFailure(ctx, conn, l, mig, start, err)
 			res.To = v
+			trace.migrationDone(name, mig, began, err)
 			return res, err
 		}
 		res.Applied++
+		trace.migrationDone(name, mig, began, nil)
 		m.cfg.Logger.Info().Str("lane", name).Int32("version", mig.Version).Str("file", mig.Name).
 			Float64("duration_s", m.cfg.Now().Sub(start).Seconds()).Msgf("OK   %s (%s)", mig.Name, m.cfg.Now().Sub(start).Round(10*time.Microsecond))
 	}

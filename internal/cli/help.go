@@ -50,7 +50,7 @@ var commandList = []commandSpec{
 		define:  newFlags},
 	{name: "serve", synopsis: "[--addr ADDR]",
 		summary: "run one app replica with its HTTP endpoints until SIGINT/SIGTERM",
-		details: "HTTP first (GET /healthz; GET /readyz: 503 until the blocking lanes are applied,\nthen 200; GET /lanes: the status JSON), then the blocking lanes, then the\nbackground lanes on whichever replica wins each lane's lock.",
+		details: "HTTP first (GET /healthz; GET /readyz: 503 until the blocking lanes are applied,\nthen 200; GET /lanes: the status JSON; GET /metrics: Prometheus metrics), then\nthe blocking lanes, then the background lanes on whichever replica wins each\nlane's lock.",
 		define:  serveFlags},
 	{name: "demo", synopsis: "",
 		summary: "play the demo: three replicas, a fast lane and a slow lane whose completion reaches every replica",

@@ -78,7 +78,7 @@ func runServe(ctx context.Context, c *command, addr string) error {
 		return nil
 	}
 	c.log.Info().Str("addr", ln.Addr().String()).Str("target", target(m.ConnConfig())).
-		Msg("serving /healthz, /readyz and /lanes; applying the blocking lanes")
+		Msg("serving /healthz, /readyz, /lanes and /metrics; applying the blocking lanes")
 
 	// Start runs in its own goroutine so that a signal during it is answered by Close, which
 	// cancels Start and waits for it at most app.Config.CloseTimeout: a migration that ignores
