@@ -16,7 +16,7 @@ var laneStates = []migrator.State{migrator.StatePending, migrator.StateRunning, 
 	migrator.StateFailed, migrator.StateDrift, migrator.StateDone, migrator.StateAhead}
 
 // listenerModes are the values of lanes_listener_mode's mode label.
-var listenerModes = []notifier.Mode{notifier.ModeConnecting, notifier.ModeListening, notifier.ModePolling, notifier.ModeStopped}
+var listenerModes = []notifier.Delivery{notifier.DeliveryConnecting, notifier.DeliveryListening, notifier.DeliveryPolling, notifier.DeliveryStopped}
 
 // metrics is the Runtime's prometheus.Collector. The lane gauges are read from the replica's
 // own view at scrape time (no query: they are what the replica learned through its listener);
@@ -150,7 +150,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	ch <- prometheus.MustNewConstMetric(m.ready, prometheus.GaugeValue, b(ready))
-	mode := r.listener.Mode()
+	mode := r.listener.Delivery()
 	for _, md := range listenerModes {
 		ch <- prometheus.MustNewConstMetric(m.mode, prometheus.GaugeValue, b(md == mode), string(md))
 	}
