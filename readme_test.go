@@ -57,3 +57,17 @@ func TestReadmeLibraryExampleCompiles(t *testing.T) {
 		}
 	}
 }
+
+// TestLogDurationsAreSeconds keeps the logs' convention: a duration field is seconds, named
+// with "_s" (the console shows it with its unit), never zerolog's Dur (milliseconds by default,
+// without a unit).
+func TestLogDurationsAreSeconds(t *testing.T) {
+	t.Parallel()
+	out, err := exec.Command("git", "grep", "-n", "-E", `\.Dur\(|\.Durs\(`, "--", "*.go", ":!*_test.go").CombinedOutput()
+	if err == nil {
+		t.Fatalf("log fields with zerolog's Dur: use Float64(\"name_s\", d.Seconds()):\n%s", out)
+	}
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
+		t.Fatalf("git grep: %v\n%s", err, out)
+	}
+}

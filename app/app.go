@@ -275,7 +275,7 @@ func (r *Runtime) Close() error {
 			}
 		}
 		errs = append(errs, fmt.Errorf("app: close: %s still running after %s: a migration ignores its context; left behind", what, r.cfg.CloseTimeout))
-		r.log.Error().Dur("close_timeout", r.cfg.CloseTimeout).Msgf("close: %s still running; giving up waiting", what)
+		r.log.Error().Float64("close_timeout_s", r.cfg.CloseTimeout.Seconds()).Msgf("close: %s still running; giving up waiting", what)
 	}
 	r.listener.Stop()
 	if r.pool != nil {

@@ -350,7 +350,7 @@ func (w *walk) batch(ctx context.Context) (fin bool, err error) {
 			ev = ev.Float64("percent", *p.Percent)
 		}
 		if p.ETASeconds != nil {
-			ev = ev.Dur("eta", time.Duration(*p.ETASeconds)*time.Second)
+			ev = ev.Float64("eta_s", *p.ETASeconds)
 		}
 		if p.Throttled != "" {
 			ev = ev.Str("throttled", p.Throttled)
