@@ -160,7 +160,7 @@ type command struct {
 	env        *env
 	set        settings
 	log        zerolog.Logger
-	allowDrift bool // migrate --allow-drift
+	allowDrift bool // --allow-drift of migrate, serve and status
 }
 
 // connConfig parses the database URL (libpq defaults when empty) and bounds connection attempts.

@@ -750,3 +750,31 @@ func TestStockBinaryNamesTheMissingGoMigration(t *testing.T) {
 		t.Errorf("%d connections made", n)
 	}
 }
+
+// A lane whose applied file was renamed, up to date: migrate exits 1 naming the file and
+// --allow-drift; status shows the state drift, or done with --allow-drift (still listing it).
+func TestDriftOnAnUpToDateLane(t *testing.T) {
+	t.Parallel()
+	vars := dbVars(t, map[string]string{"fast/001_a.sql": "create table a (i int);"})
+	if res := runCLI(t, vars, "migrate"); res.code != ExitOK {
+		t.Fatalf("migrate: %v", res)
+	}
+	dir := vars["LANES_MIGRATIONS"]
+	if err := os.Rename(filepath.Join(dir, "fast", "001_a.sql"), filepath.Join(dir, "fast", "001_renamed.sql")); err != nil {
+		t.Fatal(err)
+	}
+	if res := runCLI(t, vars, "migrate"); res.code != ExitError || !strings.Contains(res.stderr, "001_renamed.sql (applied as 001_a.sql)") || !strings.Contains(res.stderr, "--allow-drift") {
+		t.Errorf("migrate of an up-to-date lane with a renamed file: want exit %d naming it and --allow-drift, got %v", ExitError, res)
+	}
+	if st := statusOf(t, vars); st[0].State != migrator.StateDrift {
+		t.Errorf("status: state %s, want drift", st[0].State)
+	}
+	res := runCLI(t, vars, "status", "--json", "--allow-drift")
+	var sj struct{ Lanes []migrator.LaneStatus }
+	if res.code != ExitOK || json.Unmarshal([]byte(res.stdout), &sj) != nil || len(sj.Lanes) != 1 || sj.Lanes[0].State != migrator.StateDone || len(sj.Lanes[0].Drift) != 1 {
+		t.Errorf("status --allow-drift: want done with the drift listed: %v", res)
+	}
+	if res := runCLI(t, vars, "migrate", "--allow-drift"); res.code != ExitOK {
+		t.Errorf("migrate --allow-drift: %v", res)
+	}
+}

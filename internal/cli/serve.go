@@ -19,10 +19,12 @@ const shutdownTimeout = 10 * time.Second
 
 func serveFlags(fs *flag.FlagSet) commandBody {
 	addr := fs.String("addr", "", "listen `address` (env LANES_ADDR; default :8080)")
+	allowDrift := fs.Bool("allow-drift", false, "apply pending migrations although applied files were renamed or changed since\nthey were applied, and report such lanes done rather than drift")
 	return func(ctx context.Context, c *command, args []string) error {
 		if len(args) > 0 {
 			return usageErrorf("unexpected arguments %q", args)
 		}
+		c.allowDrift = *allowDrift
 		a := *addr
 		if a == "" {
 			a = c.env.getenv("LANES_ADDR")

@@ -15,10 +15,12 @@ import (
 func statusFlags(fs *flag.FlagSet) commandBody {
 	asJSON := fs.Bool("json", false, "print JSON ({\"lanes\":[...]}) instead of a table")
 	watch := fs.Bool("watch", false, "redraw the table live from the notifications until interrupted")
+	allowDrift := fs.Bool("allow-drift", false, "report a lane whose applied files were renamed or changed since as done (or\nwhat it is), not drift; the drift is still listed")
 	return func(ctx context.Context, c *command, args []string) error {
 		if len(args) > 0 {
 			return usageErrorf("unexpected arguments %q", args)
 		}
+		c.allowDrift = *allowDrift
 		if *watch {
 			if *asJSON {
 				return usageErrorf("--watch draws a table: it does not take --json")
