@@ -11,11 +11,15 @@ func migrateFlags(fs *flag.FlagSet) commandBody {
 	var lanes lanesFlag
 	fs.Var(&lanes, "lane", "apply only this `lane` (repeatable); the lanes still run in lane order")
 	allowDrift := fs.Bool("allow-drift", false, "apply pending migrations although applied files changed since they were\napplied (by default migrate refuses and names the files)")
+	dryRun := fs.Bool("dry-run", false, "print the plan (lanes, pending files in order, rendered SQL) and exit: takes\nno lock and writes nothing")
 	return func(ctx context.Context, c *command, args []string) error {
 		if len(args) > 0 {
 			return usageErrorf("unexpected arguments %q", args)
 		}
 		c.allowDrift = *allowDrift
+		if *dryRun {
+			return runPlan(ctx, c, lanes)
+		}
 		return runMigrate(ctx, c, lanes)
 	}
 }
