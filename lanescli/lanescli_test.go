@@ -41,10 +41,10 @@ func run(t *testing.T, cfg lanescli.Config, args ...string) result {
 }
 
 // repoFuncs returns the Go migrations of the repository's own migrations/ folder (the demo's
-// slow lane loads its rows in a Go migration, version 1, which has no file).
+// slow lane backfills its rows in a Go migration, version 1, which has no file).
 func repoFuncs() map[string][]migrator.GoMigration {
 	funcs := map[string][]migrator.GoMigration{}
-	for _, l := range migrations.Lanes(0) {
+	for _, l := range migrations.Lanes() {
 		if len(l.Funcs) > 0 {
 			funcs[l.Name] = l.Funcs
 		}

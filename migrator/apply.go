@@ -18,6 +18,9 @@ func (m *Migrator) apply(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig
 	if mig.batch != nil {
 		return m.applyBatched(ctx, conn, l, mig, start)
 	}
+	if l.Mode == Background {
+		defer m.sampleFile(ctx, conn, l, mig, start)() // progress of a long file: what the server knows
+	}
 	if mig.DisableTx {
 		if err := m.execute(ctx, conn, nil, mig); err != nil {
 			return err

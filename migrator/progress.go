@@ -48,9 +48,11 @@ type Progress struct {
 	BatchSize int `json:"batch_size,omitempty"`
 	// Phase is what a migration that is not batched is doing, when the server says (an index
 	// build's phase and blocks done).
-	Phase     string    `json:"phase,omitempty"`
-	StartedAt time.Time `json:"started_at,omitzero"`
-	UpdatedAt time.Time `json:"updated_at"`
+	Phase string `json:"phase,omitempty"`
+	// ElapsedSeconds is how long the migration has run, for one that is not batched.
+	ElapsedSeconds *float64  `json:"elapsed_seconds,omitempty"`
+	StartedAt      time.Time `json:"started_at,omitzero"`
+	UpdatedAt      time.Time `json:"updated_at"`
 }
 
 // fill computes Percent and ETASeconds from Done, Total and RatePerS.
@@ -73,11 +75,18 @@ type ProgressHint struct {
 	Total     int64   `json:"total"`
 	Rate      float64 `json:"rate,omitempty"`
 	Throttled string  `json:"throttled,omitempty"`
+	// Phase and Elapsed (seconds) are set for a migration that is not batched.
+	Phase   string  `json:"phase,omitempty"`
+	Elapsed float64 `json:"elapsed,omitempty"`
 }
 
 // Progress returns the progress a notification announced, for lane l, at time at.
 func (h ProgressHint) Progress(lane string, version int32, file string, at time.Time) *Progress {
-	p := &Progress{Lane: lane, Version: version, File: file, Done: h.Done, Total: h.Total, RatePerS: h.Rate, Throttled: h.Throttled, UpdatedAt: at}
+	p := &Progress{Lane: lane, Version: version, File: file, Done: h.Done, Total: h.Total, RatePerS: h.Rate, Throttled: h.Throttled, Phase: h.Phase, UpdatedAt: at}
+	if h.Phase != "" {
+		e := h.Elapsed
+		p.ElapsedSeconds = &e
+	}
 	p.fill()
 	return p
 }
@@ -202,6 +211,10 @@ from `+m.progressTable().Quoted()+` p where p.finished_at is null`)
 		}
 		if updated != nil {
 			p.UpdatedAt = *updated
+		}
+		if phase != "" && started != nil && updated != nil {
+			e := updated.Sub(*started).Round(time.Second).Seconds()
+			p.ElapsedSeconds = &e
 		}
 		p.fill()
 		if e.progress == nil || p.Version > e.progress.Version {

@@ -109,7 +109,8 @@ func runDemo(ctx context.Context, c *command) (err error) {
 	}()
 	for i := 1; i <= o.replicas; i++ {
 		log := c.log.With().Str("replica", fmt.Sprintf("r%d", i)).Logger()
-		m, err := migrator.New(dbCfg, demoLanes(o.loadDuration, int32(i), &applier, log), migrator.Config{
+		m, err := migrator.New(dbCfg, demoLanes(int32(i), &applier, log), migrator.Config{
+			Batch:   migrations.BatchConfig(o.loadDuration),
 			Channel: c.set.channel,
 			Logger:  log.With().Str("operation", "migratedb").Logger(),
 			Now:     c.env.now,
@@ -229,7 +230,7 @@ func waitForSlowLane(ctx context.Context, c *command, replicas []*app.Runtime) (
 		Msg("app can do some work while the long-running migrations run in the background")
 	// While the lane runs, say only what changes: the slow lane's version as each replica knows
 	// it (from its own view, no query), not the same line every second.
-	last := ""
+	last, lastProgress := "", ""
 	work := func() {
 		versions := make([]string, len(replicas))
 		for i, r := range replicas {
@@ -245,6 +246,18 @@ func waitForSlowLane(ctx context.Context, c *command, replicas []*app.Runtime) (
 					Msg("the replicas learned that the slow lane moved on; all of them keep serving")
 			}
 			last = now
+		}
+		// The backfill's progress as each replica knows it, from the applier's announcements.
+		seen := make([]string, 0, len(replicas))
+		for i, r := range replicas {
+			if p := r.Progress(demoSlowLane); p != nil && p.Percent != nil && p.Done > 0 {
+				seen = append(seen, fmt.Sprintf("r%d=%.0f%%", i+1, *p.Percent))
+			}
+		}
+		if now := strings.Join(seen, " "); now != "" && now != lastProgress {
+			c.log.Info().Str("slow_lane_progress", now).Int("replicas_serving", len(replicas)).
+				Msg("every replica sees the backfill's progress, announced by the one applying it")
+			lastProgress = now
 		}
 	}
 	work()
@@ -275,22 +288,24 @@ func waitForSlowLane(ctx context.Context, c *command, replicas []*app.Runtime) (
 
 // demoLanes returns the embedded demo lanes for replica i: the slow lane's Go migration is
 // wrapped to record that this replica won the lane's lock and applies it.
-func demoLanes(loadDuration time.Duration, i int32, applier *atomic.Int32, log zerolog.Logger) []migrator.Lane {
-	lanes := migrations.Lanes(loadDuration)
+func demoLanes(i int32, applier *atomic.Int32, log zerolog.Logger) []migrator.Lane {
+	lanes := migrations.Lanes()
 	for li := range lanes {
 		if lanes[li].Name != demoSlowLane {
 			continue
 		}
 		funcs := slices.Clone(lanes[li].Funcs)
 		for fi := range funcs {
-			up := funcs[fi].Up
-			funcs[fi].Up = func(ctx context.Context, tx pgx.Tx) error {
+			bf := *funcs[fi].Backfill
+			walk := bf.Range
+			bf.Range = func(ctx context.Context, tx pgx.Tx, lo, hi int64) error {
 				if applier.CompareAndSwap(0, i) {
 					log.Info().Str("lane", demoSlowLane).
-						Msg("won the slow lane's lock: loading data in the background while every replica serves")
+						Msg("won the slow lane's lock: backfilling the example table in batches while every replica serves")
 				}
-				return up(ctx, tx)
+				return walk(ctx, tx, lo, hi)
 			}
+			funcs[fi].Backfill = &bf
 		}
 		lanes[li].Funcs = funcs
 	}

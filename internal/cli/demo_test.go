@@ -24,6 +24,7 @@ type logLine struct {
 	Via      string `json:"via"`
 	Database string `json:"database"`
 	File     string `json:"file"`
+	Progress string `json:"slow_lane_progress"`
 }
 
 func parseLog(t *testing.T, out string) []logLine {
@@ -112,6 +113,18 @@ func checkStory(t *testing.T, out string, replicas int) string {
 		case l.Level == "error" || l.Level == "warn":
 			t.Errorf("the demo logged a problem: %+v", l)
 		}
+	}
+	// The backfill's progress reached a replica that does not apply it.
+	progressed := false
+	for _, l := range lines {
+		if l.Message == "every replica sees the backfill's progress, announced by the one applying it" {
+			for _, part := range strings.Fields(l.Progress) {
+				progressed = progressed || (applier != "" && !strings.HasPrefix(part, applier+"="))
+			}
+		}
+	}
+	if replicas > 1 && !progressed {
+		t.Errorf("no story line shows the backfill's progress on a replica that does not apply it:\n%s", out)
 	}
 	if len(appliedBy) != 1 || fastApplied != 1 {
 		t.Errorf("want one replica applying each lane; slow: %v, fast applied %d times", appliedBy, fastApplied)

@@ -1,6 +1,7 @@
--- A few rows the service can work with at once.
+-- Rows the service can work with at once; the slow lane backfills them in batches.
 insert into example (name)
-select 'seed-' || g from generate_series(1, 10) g;
+select 'seed-' || g from generate_series(1, 50000) g;
+analyze example;
 
 ---- create above / drop below ----
 
