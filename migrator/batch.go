@@ -248,6 +248,10 @@ func (s *sizer) observe(rows int, d time.Duration) {
 		// The batch was short of keys (the end of the walk): do not learn growth from it.
 		want = min(want, s.size)
 	}
+	if d > s.target {
+		// Over the target: never grow, and shrink in proportion at once (the average lags).
+		want = min(want, int(float64(s.size)*s.target.Seconds()/d.Seconds()))
+	}
 	grow := int(float64(s.size)*1.2) + 1
 	s.size = max(s.min, min(want, grow, s.max))
 }

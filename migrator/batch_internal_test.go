@@ -106,6 +106,15 @@ func TestSizer(t *testing.T) {
 	if s.size < 90 || s.size > 110 {
 		t.Fatalf("size = %d, want about 100", s.size)
 	}
+	// A batch over the target (but under 5x) never grows the size: it shrinks in proportion.
+	before = s.size
+	s.observe(s.size, 2*target)
+	if s.size > before/2+1 {
+		t.Fatalf("after a batch at twice the target: %d, want at most %d", s.size, before/2+1)
+	}
+	for range 60 {
+		s.observe(s.size, time.Duration(s.size)*time.Millisecond)
+	}
 	// A short last batch (the walk's end) does not make the size grow.
 	s.observe(3, time.Microsecond)
 	if s.size > 110 {
