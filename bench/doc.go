@@ -1,4 +1,5 @@
-// Package bench holds the benchmarks of multi-lanes against the alternatives it replaces:
+// Package bench holds the benchmarks of multi-lanes against the alternatives it replaces
+// (batched backfills against one UPDATE included):
 // start-up during a slow migration (tern's Migrator for both lanes), signal latency and idle
 // cost (polling the version table once a second), apply overhead (tern's Migrator on its own)
 // and how each grows with replicas and migrations.
