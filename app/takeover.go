@@ -30,7 +30,7 @@ func (r *Runtime) check(ctx context.Context, conn *pgx.Conn) error {
 		return conn.Ping(ctx)
 	}
 	for _, lane := range waiting {
-		key, err := r.m.LockKey(ctx, conn, lane)
+		key, err := r.m.ApplierLockKey(lane) // no query: the check stays one statement
 		if err != nil {
 			return err
 		}

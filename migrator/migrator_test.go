@@ -732,3 +732,41 @@ func TestUnlocatableFailureNamesNoStatement(t *testing.T) {
 		t.Fatalf("err = %v (%#v), want ErrNotLocated, no statement, SQLSTATE 22012", err, me)
 	}
 }
+
+// An applier holds both the lane's lock key and its ApplierLockKey (the key of the version
+// table's name as configured, the only key of earlier releases), so a replica of an earlier
+// release holding the lane stops this one, and a waiting replica's one-statement check sees an
+// applier of either release.
+func TestApplierHoldsTheKeyOfEarlierReleases(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	m := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: twoFiles})
+	key, err := m.LockKey(ctx, conn, "fast")
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, err := m.ApplierLockKey("fast")
+	if err != nil || old == key {
+		t.Fatalf("ApplierLockKey = %d, %v; LockKey = %d: an unqualified default name resolves to another key", old, err, key)
+	}
+	// An earlier release applying the lane holds only the old key.
+	if _, err := conn.Exec(ctx, "select pg_advisory_lock($1)", old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.TryMigrate(ctx, "fast"); !errors.Is(err, migrator.ErrLocked) {
+		t.Fatalf("TryMigrate while an earlier release holds the lane = %v, want ErrLocked", err)
+	}
+	if st, err := m.Status(ctx, conn); err != nil || !st[0].Locked {
+		t.Fatalf("status while an earlier release holds the lane: %+v, %v", st, err)
+	}
+	if _, err := conn.Exec(ctx, "select pg_advisory_unlock($1)", old); err != nil {
+		t.Fatal(err)
+	}
+	if n := queryInt(t, conn, "select count(*) from pg_locks where locktype = 'advisory' and granted and database = (select oid from pg_database where datname = current_database())"); n != 0 {
+		t.Fatalf("%d advisory locks left after the refused attempt", n)
+	}
+	if _, err := m.TryMigrate(ctx, "fast"); err != nil {
+		t.Fatal(err)
+	}
+}
