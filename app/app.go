@@ -73,6 +73,7 @@ type Runtime struct {
 	wg          sync.WaitGroup
 	closeDone   chan struct{} // closed when the first Close returns
 	closeErr    error
+	seq         uint64 // counts the raises of lane versions, to tell stale reads from regressions
 }
 
 type laneState struct {
@@ -85,6 +86,19 @@ type laneState struct {
 	// hear the commit before Migrate has logged the file's "OK" line, so "lane done" waits.
 	migrating    bool
 	doneLogLater bool
+	raisedAt     uint64      // r.seq when the version was last raised
+	regressed    *Regression // the last time the version was seen moving backwards
+}
+
+// Regression is a lane version seen moving backwards: a database restored from a backup, a
+// failover to a standby that had not replayed the last migrations, a manual edit. The replica
+// logs it as an error, the lane counts as not done again (Done hands out a new channel), and
+// the lane is applied again up to its latest version by whichever replica wins its lock.
+type Regression struct {
+	From int32     `json:"from"` // the version this replica knew
+	To   int32     `json:"to"`   // the lower version read from the database
+	At   time.Time `json:"at"`   // when this replica read it
+	Via  string    `json:"via"`  // the read that found it: connect, poll, notification, status, applied, check
 }
 
 // New returns a Runtime for the Migrator's lanes. It does not connect. Call Close to release
@@ -190,12 +204,13 @@ func (r *Runtime) start(sctx, ctx context.Context) error {
 			continue // the listener's first read, made after LISTEN, found it applied
 		}
 		r.setMigrating(l.Name, true)
+		mark := r.readMark()
 		res, err := r.m.Migrate(migrator.WithTrace(sctx, r.trace), l.Name)
 		r.setMigrating(l.Name, false)
 		if err != nil {
 			return fmt.Errorf("app: blocking %w", err)
 		}
-		r.applied(res)
+		r.applied(res, mark)
 	}
 	bctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	r.mu.Lock()
@@ -303,6 +318,12 @@ func (r *Runtime) IsDone(lane string) bool {
 
 // Done returns a channel closed once the lane is done, and an error wrapping
 // migrator.ErrUnknownLane for a lane the Migrator does not have.
+//
+// Done means done as last read: if the lane's version later moves backwards (a restore, a
+// failover to a lagging standby, a manual edit), a channel handed out before stays closed, but
+// IsDone turns false and Done returns a new channel, closed once the lane is applied again
+// (View shows the Regression). Code that must notice this calls Done again after each wake-up,
+// or checks IsDone.
 func (r *Runtime) Done(lane string) (<-chan struct{}, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -393,6 +414,9 @@ type KnownLane struct {
 	Via     string     `json:"via,omitempty"`     // how it learned the lane was done: applied, notification, connect, poll, check
 	DoneAt  *time.Time `json:"done_at,omitempty"` // when it learned it
 	Paused  bool       `json:"paused"`            // an operator paused the lane
+	// Regressed is the last time this replica saw the lane's version move backwards; nil if
+	// never. It stays after the lane is applied again, as a record.
+	Regressed *Regression `json:"regressed,omitempty"`
 	// Progress is the running batched migration's progress, from the applier's announcements
 	// (at most a second old while they arrive) or the last read; nil while none runs.
 	Progress *migrator.Progress `json:"progress"`
@@ -407,6 +431,10 @@ func (r *Runtime) View() ReplicaView {
 	for _, l := range r.lanes {
 		s := r.state[l.Name]
 		k := KnownLane{Name: l.Name, Version: s.status.Version, Done: s.status.Done(), Role: s.role, Via: s.via, Paused: s.status.Paused, Progress: s.status.Progress}
+		if s.regressed != nil {
+			rg := *s.regressed
+			k.Regressed = &rg
+		}
 		if !s.doneAt.IsZero() {
 			at := s.doneAt
 			k.DoneAt = &at
@@ -419,12 +447,17 @@ func (r *Runtime) View() ReplicaView {
 // Status reads the lanes' state from the database, with drift (a few short queries on a small
 // pool of at most two connections, opened on first use) and adds this replica's view. It works before and
 // during Start, so a readiness endpoint can show what a starting replica waits for.
+//
+// The versions read also update this replica's view, like the listener's reads: a version that
+// moved backwards is noticed here too.
 func (r *Runtime) Status(ctx context.Context) (Status, error) {
-	st := Status{Replica: r.View()}
+	mark := r.readMark()
 	lanes, err := r.m.Status(ctx, r.pool)
 	if err == nil {
+		r.update(lanes, "status", mark)
 		err = r.m.AddDrift(ctx, r.pool, lanes)
 	}
+	st := Status{Replica: r.View()}
 	if err != nil {
 		return st, fmt.Errorf("app: %w", err)
 	}
@@ -459,11 +492,15 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 			// A migration committed: only that lane's version changed. Re-read just it (one
 			// short statement) rather than the full status, whose pg_locks scans cost
 			// O(max_connections) and run on every replica at the same moment.
+			mark := r.readMark()
 			v, err := r.m.Version(ctx, conn, ev.Lane)
 			if err != nil {
 				return err
 			}
-			r.modify(ev.Lane, via, func(st *migrator.LaneStatus) {
+			if r.movedBack(ev.Lane, v, mark) {
+				goto full // the lane moved backwards: read its full state (lock, failure)
+			}
+			r.modify(ev.Lane, via, mark, func(st *migrator.LaneStatus) {
 				if v <= st.Version {
 					return
 				}
@@ -483,25 +520,28 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 	} else if r.listener != nil && r.listener.Delivery() == notifier.DeliveryPolling {
 		via = "poll"
 	}
+full:
+	mark := r.readMark()
 	lanes, err := r.m.Status(ctx, conn)
 	if err != nil {
 		return err
 	}
-	r.update(lanes, via)
+	r.update(lanes, via, mark)
 	return nil
 }
 
 // applied records what this replica's own Migrate call did, without waiting for the listener.
-func (r *Runtime) applied(res migrator.Result) {
+// mark is readMark taken before the call.
+func (r *Runtime) applied(res migrator.Result, mark uint64) {
 	via := "applied"
 	if res.Applied == 0 {
 		via = "check" // its own version read found the work done by another replica
 	}
-	r.modify(res.Lane, via, func(st *migrator.LaneStatus) {
-		if res.To <= st.Version {
+	r.modify(res.Lane, via, mark, func(st *migrator.LaneStatus) {
+		if res.To == st.Version {
 			return
 		}
-		st.Version = res.To
+		st.Version = res.To // lower only when the lane moved backwards: updateLocked decides
 		st.Failure, st.Error = nil, ""
 		if st.Version >= st.Latest {
 			st.State = migrator.StateDone
@@ -509,33 +549,65 @@ func (r *Runtime) applied(res migrator.Result) {
 	})
 }
 
-// modify changes one lane's state with f under the mutex, then stores it like update.
-func (r *Runtime) modify(lane, via string, f func(st *migrator.LaneStatus)) {
+// modify changes one lane's state with f under the mutex, then stores it like update. mark is
+// the readMark taken before the read f stores, or noRead when f only raises what is known.
+func (r *Runtime) modify(lane, via string, mark uint64, f func(st *migrator.LaneStatus)) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	st := r.state[lane].status
 	f(&st)
-	r.updateLocked([]migrator.LaneStatus{st}, via)
+	r.updateLocked([]migrator.LaneStatus{st}, via, mark)
 }
 
-// update stores lane states, closes the Done channels of lanes that are now done and wakes
-// every waiter. A lane's version never goes backwards here: a stale read cannot undo a later one.
-func (r *Runtime) update(lanes []migrator.LaneStatus, via string) {
+// noRead is the mark of a change that is no database read of the version.
+const noRead = 0
+
+// readMark returns the mark to take before reading lane versions from the database, for
+// update and modify: a lower version read after a mark is a regression, unless the version was
+// raised after the mark (the read then started before the raise and is merely stale).
+func (r *Runtime) readMark() uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.updateLocked(lanes, via)
+	r.seq++
+	return r.seq
+}
+
+// movedBack reports whether version v, read after mark, is lower than what this replica knows
+// of the lane and not merely stale.
+func (r *Runtime) movedBack(lane string, v int32, mark uint64) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.state[lane]
+	return v < s.status.Version && s.raisedAt < mark
+}
+
+// update stores lane states read after mark, closes the Done channels of lanes that are now
+// done and wakes every waiter. A stale read (begun before a raise this replica already knows)
+// never lowers a version; a lower version read after it is a regression: logged as an error,
+// recorded, and the lane is not done anymore (a new Done channel) until it is applied again.
+func (r *Runtime) update(lanes []migrator.LaneStatus, via string, mark uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.updateLocked(lanes, via, mark)
 }
 
 // updateLocked is update with r.mu held.
-func (r *Runtime) updateLocked(lanes []migrator.LaneStatus, via string) {
+func (r *Runtime) updateLocked(lanes []migrator.LaneStatus, via string, mark uint64) {
 	changed := false
 	for _, st := range lanes {
 		s, ok := r.state[st.Name]
 		if !ok {
 			continue
 		}
-		if st.Version < s.status.Version {
-			st.Version = s.status.Version
+		switch {
+		case st.Version < s.status.Version && (mark == noRead || s.raisedAt >= mark):
+			st.Version = s.status.Version // stale: the read began before a raise
+		case st.Version < s.status.Version:
+			r.regressLocked(s, st, via)
+			changed = true
+		case st.Version > s.status.Version:
+			r.seq++
+			s.raisedAt = r.seq
 		}
 		if st.Progress != nil && st.Progress.Version <= st.Version {
 			st.Progress = nil // that migration has committed
@@ -563,6 +635,20 @@ func (r *Runtime) updateLocked(lanes []migrator.LaneStatus, via string) {
 		close(r.changed)
 		r.changed = make(chan struct{})
 	}
+}
+
+// regressLocked records that the lane's version moved backwards to st.Version: an error in
+// the log, the Regression in the view, and a new Done channel if the lane was done.
+func (r *Runtime) regressLocked(s *laneState, st migrator.LaneStatus, via string) {
+	from := s.status.Version
+	s.regressed = &Regression{From: from, To: st.Version, At: r.cfg.Now(), Via: via}
+	r.log.Error().Str("lane", st.Name).Int32("known_version", from).Int32("version", st.Version).Str("via", via).
+		Msg("lane version moved backwards (a restored database, a failover to a lagging standby or a manual edit?); applying the lane again")
+	if s.status.Done() && !st.Done() {
+		s.done = make(chan struct{})
+		s.via, s.doneAt = "", time.Time{}
+	}
+	s.status.Version = st.Version // so that the state below is compared with the lowered one
 }
 
 // setMigrating records whether this replica's own Migrate call on the lane runs; when it ends,

@@ -637,17 +637,8 @@ func TestCloseCancelsAStartApplyingABlockingLane(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("Close did not return")
 	}
-	select {
-	case err := <-errc:
-		if !errors.Is(err, app.ErrClosed) {
-			t.Fatalf("Start = %v, want ErrClosed", err)
-		}
-	default:
-		t.Fatal("Close returned while Start was still running")
-	}
-	if r.Ready() || r.IsDone("fast") {
-		t.Fatal("ready or done after Close cancelled Start")
-	}
+	// Close has waited for Start's work: the migration rolled back and its lock is released
+	// by now (read before Start's return value, which only its goroutine still has to send).
 	conn, err := pgx.ConnectConfig(context.Background(), e.cc)
 	if err != nil {
 		t.Fatal(err)
@@ -662,6 +653,17 @@ func TestCloseCancelsAStartApplyingABlockingLane(t *testing.T) {
 	}
 	if version != 0 || locks != 0 {
 		t.Fatalf("after Close: version %d, %d advisory locks held; want 0 and 0", version, locks)
+	}
+	select {
+	case err := <-errc:
+		if !errors.Is(err, app.ErrClosed) {
+			t.Fatalf("Start = %v, want ErrClosed", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Start did not return after Close")
+	}
+	if r.Ready() || r.IsDone("fast") {
+		t.Fatal("ready or done after Close cancelled Start")
 	}
 	if err := r.Start(context.Background()); !errors.Is(err, app.ErrClosed) {
 		t.Fatalf("Start after Close = %v, want ErrClosed", err)

@@ -13,25 +13,61 @@ import (
 )
 
 // runBackground applies the background lanes in order: a lane starts only once the lanes before
-// it are done in the database, whichever replica applied them.
+// it are done in the database, whichever replica applied them. Then it waits for a lane to stop
+// being done (its version moved backwards: a restore) and applies the lanes again, blocking
+// lanes included, in the same order, until ctx is done.
 func (r *Runtime) runBackground(ctx context.Context) {
 	var conn *pgx.Conn
-	defer func() {
+	closeConn := func() {
 		if conn != nil {
 			cctx, cancel := context.WithTimeout(context.Background(), time.Second)
 			defer cancel()
 			_ = conn.Close(cctx) // nothing is left to do on this connection
-		}
-	}()
-	for _, l := range r.lanes {
-		if l.Mode != migrator.Background {
-			continue
-		}
-		if err := r.runLane(ctx, &conn, l); err != nil {
-			return // stopped
+			conn = nil
 		}
 	}
-	r.log.Info().Msg("background lanes done")
+	defer closeConn()
+	again := false
+	for {
+		for _, l := range r.lanes {
+			if l.Mode != migrator.Background && !again {
+				continue // Start applied the blocking lanes
+			}
+			if err := r.runLane(ctx, &conn, l); err != nil {
+				return // stopped
+			}
+		}
+		if again {
+			r.log.Info().Msg("lanes applied again after their version moved backwards")
+		} else {
+			r.log.Info().Msg("background lanes done")
+		}
+		closeConn() // hold no connection between deploys
+		if err := r.waitForRegression(ctx); err != nil {
+			return
+		}
+		again = true
+	}
+}
+
+// waitForRegression waits until a lane is not done anymore, or ctx is done.
+func (r *Runtime) waitForRegression(ctx context.Context) error {
+	for {
+		r.mu.Lock()
+		changed, regressed := r.changed, false
+		for _, l := range r.lanes {
+			regressed = regressed || !r.state[l.Name].status.Done()
+		}
+		r.mu.Unlock()
+		if regressed {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-changed:
+		}
+	}
 }
 
 // runLane returns once the lane is done, or ctx's error. This replica applies the lane when it
@@ -73,6 +109,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 		}
 		r.setRole(l.Name, "applying")
 		r.setMigrating(l.Name, true)
+		mark := r.readMark()
 		res, err := r.m.TryMigrateOn(migrator.WithTrace(ctx, r.trace), *conn, l.Name)
 		r.setMigrating(l.Name, false)
 		r.setRole(l.Name, "")
@@ -91,7 +128,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 		switch {
 		case err == nil:
 			retries = 0
-			r.applied(res)
+			r.applied(res, mark)
 			if res.Applied > 0 && res.To >= l.Latest {
 				r.log.Info().Str("lane", l.Name).Int32("version", res.To).Msg("background lane applied by this replica")
 			}
@@ -101,7 +138,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			// An operator paused the lane: nothing runs until `lanes resume`, announced.
 			retries = 0
 			r.log.Info().Str("lane", l.Name).Msg("background lane paused; waiting for resume")
-			r.modify(l.Name, "check", func(st *migrator.LaneStatus) {
+			r.modify(l.Name, "check", noRead, func(st *migrator.LaneStatus) {
 				st.Paused, st.Locked = true, false
 				if st.State != migrator.StateDone && st.State != migrator.StateAhead {
 					st.State = migrator.StatePaused
@@ -159,7 +196,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 // failed records this replica's own permanent failure in its state at once, without waiting for
 // the notification, so the lane is not retried in the meantime.
 func (r *Runtime) failed(l migrator.LaneInfo, me *migrator.MigrationError) {
-	r.modify(l.Name, "failed", func(st *migrator.LaneStatus) {
+	r.modify(l.Name, "failed", noRead, func(st *migrator.LaneStatus) {
 		// A failure of version N proves N-1 applied, and this replica held the lock until now.
 		st.Version = max(st.Version, me.Version-1)
 		st.Locked = false

@@ -47,7 +47,7 @@ func (r *Runtime) check(ctx context.Context, conn *pgx.Conn) error {
 
 // setLocked records whether the lane's lock was seen held.
 func (r *Runtime) setLocked(lane string, locked bool, via string) {
-	r.modify(lane, via, func(st *migrator.LaneStatus) { st.Locked = locked })
+	r.modify(lane, via, noRead, func(st *migrator.LaneStatus) { st.Locked = locked })
 }
 
 // waitForHolder waits while another session holds the lane's lock: until the listener reports
