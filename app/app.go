@@ -448,13 +448,22 @@ func (r *Runtime) View() ReplicaView {
 // pool of at most two connections, opened on first use) and adds this replica's view. It works before and
 // during Start, so a readiness endpoint can show what a starting replica waits for.
 //
-// The versions read also update this replica's view, like the listener's reads: a version that
-// moved backwards is noticed here too.
+// A lane version read here lower than the one this replica knows (and not merely stale) is a
+// regression, recorded as the listener's reads record it; nothing else of this read changes
+// the replica's view.
 func (r *Runtime) Status(ctx context.Context) (Status, error) {
 	mark := r.readMark()
 	lanes, err := r.m.Status(ctx, r.pool)
 	if err == nil {
-		r.update(lanes, "status", mark)
+		// Only a lane that moved backwards is taken from this read: what the replica learns
+		// otherwise comes from its listener and its own migrations (KnownLane.Via says which).
+		var back []migrator.LaneStatus
+		for _, l := range lanes {
+			if r.movedBack(l.Name, l.Version, mark) {
+				back = append(back, l)
+			}
+		}
+		r.update(back, "status", mark)
 		err = r.m.AddDrift(ctx, r.pool, lanes)
 	}
 	st := Status{Replica: r.View()}
