@@ -66,7 +66,11 @@ values ($1, $2, $3, $4, $5, $6, $7, $8, $9)`, l.Name, mig.Version, mig.Name, mig
 // earlier, replicas re-reading the lane would still see it locked and could not tell a failed
 // lane from a running one.
 func (m *Migrator) recordFailure(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration, start time.Time, cause error) *Event {
-	log := m.cfg.Logger.Error().Err(cause).Str("lane", l.Name).Int32("version", mig.Version).Str("file", mig.Name)
+	log := m.cfg.Logger.Error()
+	if ctx.Err() != nil || IsTransient(cause) {
+		log = m.cfg.Logger.Warn() // a stop, a lost connection, a failover: it runs again
+	}
+	log = log.Err(cause).Str("lane", l.Name).Int32("version", mig.Version).Str("file", mig.Name)
 	if ctx.Err() != nil || conn.IsClosed() {
 		log.Msg("migration stopped")
 		return nil

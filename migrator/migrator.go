@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/internal/backoff"
+	"github.com/multilanes/lanes/internal/pgconnect"
 )
 
 // DefaultChannel is the channel a lane's completion is announced on.
@@ -397,7 +398,7 @@ func (m *Migrator) Connect(ctx context.Context) (*pgx.Conn, error) {
 	cfg.BuildContextWatcherHandler = func(pgConn *pgconn.PgConn) ctxwatch.Handler {
 		return &pgconn.CancelRequestContextWatcherHandler{Conn: pgConn, CancelRequestDelay: 0, DeadlineDelay: 5 * time.Second}
 	}
-	conn, err := pgx.ConnectConfig(ctx, cfg)
+	conn, err := pgconnect.Connect(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect: %w", err)
 	}

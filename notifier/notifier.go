@@ -30,6 +30,7 @@ import (
 
 	"github.com/multilanes/lanes/internal/backoff"
 	"github.com/multilanes/lanes/internal/connerr"
+	"github.com/multilanes/lanes/internal/pgconnect"
 )
 
 // Handler reads the durable state on conn. n is nil after a (re)connect and on a polling tick,
@@ -299,7 +300,7 @@ var errRelisten = errors.New("time to try LISTEN again")
 func (l *Listener) connect(ctx context.Context) (*pgx.Conn, bool, error) {
 	cctx, cancel := context.WithTimeout(ctx, l.cfg.PingTimeout)
 	defer cancel()
-	conn, err := pgx.ConnectConfig(cctx, l.connConfig)
+	conn, err := pgconnect.Connect(cctx, l.connConfig)
 	if err != nil {
 		return nil, false, fmt.Errorf("notifier: connect: %w", err)
 	}

@@ -25,6 +25,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/internal/connerr"
+	"github.com/multilanes/lanes/internal/pgconnect"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -33,20 +34,24 @@ const (
 	// ExitOK: the command succeeded (wait: the lane reached the version; serve: stopped by
 	// SIGINT or SIGTERM).
 	ExitOK = 0
-	// ExitError: bad configuration, database unreachable, a failed migration, or for wait a
-	// recorded permanent failure of a migration the wait depends on.
+	// ExitError: a failed migration (or drift), bad configuration, or for wait a recorded
+	// permanent failure of a migration the wait depends on.
 	ExitError = 1
 	// ExitUsage: unknown command or flag, missing or malformed argument, unknown lane.
 	ExitUsage = 2
 	// ExitTimeout: wait's --timeout expired before the lane reached the version.
 	ExitTimeout = 3
+	// ExitNoDatabase: no usable database: the server refused the credentials or the database
+	// does not exist, or (after retrying with backoff for --timeout) no server answered, the
+	// connection kept being lost, or the server stayed read-only.
+	ExitNoDatabase = 4
 )
 
 // defaultConnectTimeout bounds each connection attempt when the URL sets no connect_timeout.
 const defaultConnectTimeout = 10 * time.Second
 
 // Main runs the lanes command line with args (the arguments after the program name) and returns
-// the process exit code (ExitOK, ExitError, ExitUsage or ExitTimeout). Environment variables are
+// the process exit code (ExitOK, ExitError, ExitUsage, ExitTimeout or ExitNoDatabase). Environment variables are
 // read from the process. Cancelling ctx stops the running command: serve then shuts down
 // gracefully and returns ExitOK. built holds what a binary of the user's own adds (the public
 // entry point is lanescli.Main); the zero value is the stock binary.
@@ -210,7 +215,7 @@ func (c *command) migrator() (*migrator.Migrator, error) {
 // connect opens one connection with the Migrator's configuration.
 func connect(ctx context.Context, m *migrator.Migrator) (*pgx.Conn, error) {
 	cfg := m.ConnConfig()
-	conn, err := pgx.ConnectConfig(ctx, cfg)
+	conn, err := pgconnect.Connect(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", target(cfg), err)
 	}

@@ -22,13 +22,13 @@ type commandSpec struct {
 
 // commandList is every command, in the order help lists them.
 var commandList = []commandSpec{
-	{name: "migrate", synopsis: "[--lane NAME]... [--allow-drift] [--dry-run]",
+	{name: "migrate", synopsis: "[--lane NAME]... [--allow-drift] [--dry-run] [--timeout D]",
 		summary: "apply the pending migrations of every lane (or of the named lanes), in lane order, in the foreground",
-		details: "Each lane is applied under its own lock, one transaction per migration; blocking\nand background lanes alike. Exits 1 when a migration fails (it is recorded in the\nhistory table and nothing of it stays applied).",
+		details: "Each lane is applied under its own lock, one transaction per migration; blocking\nand background lanes alike. Exits 1 when a migration fails (it is recorded in the\nhistory table and nothing of it stays applied). While no usable database answers\n(a failover, a restart, a read-only server) it retries with backoff, finding the\nprimary through the URL (several hosts and target_session_attrs=read-write), and\nexits 4 after --timeout; a migration cut off runs again from its start.",
 		define:  migrateFlags},
-	{name: "status", synopsis: "[--json | --watch] [--allow-drift]",
+	{name: "status", synopsis: "[--json | --watch] [--allow-drift] [--timeout D]",
 		summary: "print each lane's version, latest version, state, lock, last error and drift",
-		details: "Exits 0 even when lanes are pending or failed. --json prints {\"lanes\":[...]}.",
+		details: "Exits 0 even when lanes are pending or failed; 4 when no usable database answers\nwithin --timeout. --json prints {\"lanes\":[...]}.",
 		define:  statusFlags},
 	{name: "wait", synopsis: "--lane NAME [--version N] [--timeout D]",
 		summary: "block, listening on the NOTIFY channel, until a lane reaches a version; applies nothing",
@@ -120,10 +120,13 @@ Batched migrations, for serve and migrate (a ---- lanes: batch ... ---- file):
 
 const helpExitCodes = `Exit codes:
   0  success (wait: the lane reached the version; serve: stopped by SIGINT or SIGTERM)
-  1  error: bad configuration, database unreachable, a failed migration, or (wait) a recorded
+  1  a migration failed (or changed files: drift), bad configuration, or (wait) a recorded
      permanent failure of a migration the wait depends on
   2  usage error: unknown command or flag, missing argument, unknown lane
   3  wait: --timeout expired before the lane reached the version
+  4  no usable database: credentials refused or no such database, or (after retrying with
+     backoff for --timeout) no server answered, connections kept being lost, or the server
+     stayed read-only
 `
 
 // writeUsage prints the top-level help: the commands, the global flags (from their flag set),

@@ -5,6 +5,9 @@ import (
 	"flag"
 	"slices"
 	"strings"
+	"time"
+
+	"github.com/multilanes/lanes/migrator"
 )
 
 func migrateFlags(fs *flag.FlagSet) commandBody {
@@ -12,20 +15,27 @@ func migrateFlags(fs *flag.FlagSet) commandBody {
 	fs.Var(&lanes, "lane", "apply only this `lane` (repeatable); the lanes still run in lane order")
 	allowDrift := fs.Bool("allow-drift", false, "apply pending migrations although applied files changed since they were\napplied (by default migrate refuses and names the files)")
 	dryRun := fs.Bool("dry-run", false, "print the plan (lanes, pending files in order, rendered SQL) and exit: takes\nno lock and writes nothing")
+	timeout := retryTimeoutFlag(fs, "migrate")
 	return func(ctx context.Context, c *command, args []string) error {
 		if len(args) > 0 {
 			return usageErrorf("unexpected arguments %q", args)
+		}
+		if *timeout < 0 {
+			return usageErrorf("--timeout must not be negative")
 		}
 		c.allowDrift = *allowDrift
 		if *dryRun {
 			return runPlan(ctx, c, lanes)
 		}
-		return runMigrate(ctx, c, lanes)
+		return runMigrate(ctx, c, lanes, *timeout)
 	}
 }
 
 // runMigrate applies the pending migrations of the named lanes (all when none) in lane order.
-func runMigrate(ctx context.Context, c *command, only []string) error {
+// Each lane is retried while no usable database answers (see command.retry), for at most
+// timeout per outage: a migration cut by a failover runs again, from the start, on the new
+// primary.
+func runMigrate(ctx context.Context, c *command, only []string, timeout time.Duration) error {
 	m, err := c.migrator()
 	if err != nil {
 		return err
@@ -44,7 +54,12 @@ func runMigrate(ctx context.Context, c *command, only []string) error {
 		if len(only) > 0 && !slices.Contains(only, name) {
 			continue
 		}
-		res, err := m.Migrate(ctx, name)
+		var res migrator.Result
+		err := c.retry(ctx, timeout, func(ctx context.Context) error {
+			var err error
+			res, err = m.Migrate(ctx, name)
+			return err
+		})
 		if err != nil {
 			return err
 		}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/multilanes/lanes/migrator"
 )
@@ -16,11 +17,15 @@ func statusFlags(fs *flag.FlagSet) commandBody {
 	asJSON := fs.Bool("json", false, "print JSON ({\"lanes\":[...]}) instead of a table")
 	watch := fs.Bool("watch", false, "redraw the table live from the notifications until interrupted")
 	allowDrift := fs.Bool("allow-drift", false, "report a lane whose applied files were renamed or changed since as done (or\nwhat it is), not drift; the drift is still listed")
+	timeout := retryTimeoutFlag(fs, "status")
 	return func(ctx context.Context, c *command, args []string) error {
 		if len(args) > 0 {
 			return usageErrorf("unexpected arguments %q", args)
 		}
 		c.allowDrift = *allowDrift
+		if *timeout < 0 {
+			return usageErrorf("--timeout must not be negative")
+		}
 		if *watch {
 			if *asJSON {
 				return usageErrorf("--watch draws a table: it does not take --json")
@@ -31,7 +36,7 @@ func statusFlags(fs *flag.FlagSet) commandBody {
 			}
 			return runWatch(ctx, c, m)
 		}
-		return runStatus(ctx, c, *asJSON)
+		return runStatus(ctx, c, *asJSON, *timeout)
 	}
 }
 
@@ -40,21 +45,24 @@ type statusJSON struct {
 	Lanes []migrator.LaneStatus `json:"lanes"`
 }
 
-func runStatus(ctx context.Context, c *command, asJSON bool) error {
+func runStatus(ctx context.Context, c *command, asJSON bool, timeout time.Duration) error {
 	m, err := c.migrator()
 	if err != nil {
 		return err
 	}
-	conn, err := connect(ctx, m)
+	var lanes []migrator.LaneStatus
+	err = c.retry(ctx, timeout, func(ctx context.Context) error {
+		conn, err := connect(ctx, m)
+		if err != nil {
+			return err
+		}
+		defer conn.Close(context.WithoutCancel(ctx))
+		if lanes, err = m.Status(ctx, conn); err != nil {
+			return err
+		}
+		return m.AddDrift(ctx, conn, lanes)
+	})
 	if err != nil {
-		return err
-	}
-	defer conn.Close(context.WithoutCancel(ctx))
-	lanes, err := m.Status(ctx, conn)
-	if err != nil {
-		return err
-	}
-	if err := m.AddDrift(ctx, conn, lanes); err != nil {
 		return err
 	}
 	if asJSON {

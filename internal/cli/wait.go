@@ -92,15 +92,26 @@ func runWait(ctx context.Context, c *command, lane string, version int, timeout 
 	}
 	ncfg := tu.notifierConfig()
 	ncfg.Channel, ncfg.Logger = m.Channel(), c.log.With().Str("component", "notifier").Logger()
-	l, err := notifier.New(m.ConnConfig(), ncfg, handler)
+	// The first connection is retried while no usable database answers (a failover), for
+	// --timeout, or defaultRetryTimeout without one (then exit 4); after that the listener
+	// reconnects by itself.
+	budget := timeout
+	if budget == 0 {
+		budget = defaultRetryTimeout
+	}
+	var l *notifier.Listener
+	err = c.retry(ctx, budget, func(ctx context.Context) error {
+		var err error
+		if l, err = notifier.New(m.ConnConfig(), ncfg, handler); err != nil {
+			return err
+		}
+		if err := l.Start(ctx); err != nil {
+			return fmt.Errorf("listen on %s: %w", target(m.ConnConfig()), err)
+		}
+		return nil
+	})
 	if err != nil {
 		return err
-	}
-	if err := l.Start(wctx); err != nil {
-		if timeout > 0 && wctx.Err() != nil && ctx.Err() == nil {
-			return timedOut("could not be read")
-		}
-		return fmt.Errorf("listen on %s: %w", target(m.ConnConfig()), err)
 	}
 	defer l.Stop()
 	start := c.env.now()

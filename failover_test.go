@@ -1,0 +1,115 @@
+package main
+
+// Failover tests (issue 13) at process level: one-shot commands across a server that restarts,
+// is down, or turns read-only, against throwaway clusters (pgcluster). What a failover does to
+// a client is what these do: sessions terminated (57P01), connections refused while no primary
+// answers, writes refused (25006) by a server that is not the primary.
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/multilanes/lanes/internal/pgcluster"
+)
+
+// TestMigrateRetriesAcrossServerRestartAndOutage runs `lanes migrate` on runsLanes: while the
+// slow lane's long migration runs, the server is killed (sessions end without a word, as in a
+// crash) and stays down until migrate has said it retries; then it starts again. migrate exits 0,
+// every migration is applied exactly once (the killed one ran again from its start on the
+// restarted server), and the log says the database was unusable and then usable again. On the
+// old code migrate exited 1, the exit code of a failed migration.
+func TestMigrateRetriesAcrossServerRestartAndOutage(t *testing.T) {
+	t.Parallel()
+	c := startCluster(t, pgcluster.Options{})
+	dbURL := c.ConnString("postgres")
+	dir := runsLanes(t)
+	key := lockKey(t, dbURL, dir, "slow")
+	p := startLanes(t, []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir, "PGAPPNAME=lanes-m1"}, "migrate", "--timeout", "2m")
+	conn := connect(t, dbURL)
+	waitForHolder(t, conn, key, "pg_sleep")
+	hurryUp(t, conn) // the re-run sleeps 0.2 s; the running one would sleep its minute
+	// The kill below loses what is not flushed yet (the cluster may run without synchronous
+	// commit): make hurry's row durable first.
+	if _, err := conn.Exec(t.Context(), "checkpoint"); err != nil {
+		t.Fatal(err)
+	}
+	conn.Close(context.Background())
+	if err := c.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "migrate says it retries", time.Minute, func() bool {
+		return strings.Contains(p.stderr.String(), "no usable database")
+	})
+	if p.exited() {
+		t.Fatalf("migrate exited while the server was down:\n%s", p.stderr.String())
+	}
+	if err := c.Restart(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if code, _ := p.wait(t, 2*time.Minute); code != 0 {
+		t.Fatalf("migrate exited %d across the outage:\n%s", code, p.stderr.String())
+	}
+	conn = connect(t, dbURL)
+	runs := runsByVersion(t, conn)
+	if len(runs[1]) != 1 || len(runs[2]) != 1 || len(runs[3]) != 1 || len(runs) != 3 {
+		t.Errorf("runs = %v; want versions 1, 2 and 3 once each", runs)
+	}
+	checkHistoryExactlyOnce(t, conn, 4)
+	if !strings.Contains(p.stderr.String(), "database usable again") {
+		t.Errorf("migrate's log does not say the database was usable again:\n%s", p.stderr.String())
+	}
+	if n := strings.Count(p.stderr.String(), "no usable database"); n > 3 { // lost connection, 57P03, refused
+		t.Errorf("migrate said %d times that no usable database answered; want once per kind of failure", n)
+	}
+}
+
+// TestMigrateWaitsForAWritableServer points `lanes migrate` at a database that refuses writes
+// (default_transaction_read_only, as a standby or a demoted primary refuses them with 25006):
+// migrate retries, and finishes once the database takes writes. With a short --timeout it exits
+// 4 (no usable database), not 1 (a failed migration), and applies nothing; a migration that
+// fails by itself exits 1 at once, without retrying.
+func TestMigrateWaitsForAWritableServer(t *testing.T) {
+	t.Parallel()
+	c := startCluster(t, pgcluster.Options{})
+	admin := connect(t, c.ConnString("postgres"))
+	for _, sql := range []string{"create database ro", "alter database ro set default_transaction_read_only = on"} {
+		if _, err := admin.Exec(t.Context(), sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dbURL := c.ConnString("ro")
+	dir := writeTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
+	env := []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir}
+
+	res := runLanes(t, env, "migrate", "--timeout", "1s")
+	if res.code != 4 || !strings.Contains(res.stderr, "read-only") {
+		t.Fatalf("migrate on a read-only database with --timeout 1s: want exit 4 saying read-only, got %v", res)
+	}
+	p := startLanes(t, env, "migrate", "--timeout", "2m")
+	eventually(t, "migrate says it retries", time.Minute, func() bool {
+		return strings.Contains(p.stderr.String(), "no usable database")
+	})
+	if _, err := admin.Exec(t.Context(), "alter database ro reset default_transaction_read_only"); err != nil {
+		t.Fatal(err)
+	}
+	if code, _ := p.wait(t, time.Minute); code != 0 {
+		t.Fatalf("migrate exited %d once the database took writes:\n%s", code, p.stderr.String())
+	}
+	conn := connect(t, dbURL)
+	checkHistoryExactlyOnce(t, conn, 2)
+
+	bad := writeTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);", "slow/002_bad.sql": "select 1/0;"})
+	res = runLanes(t, []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + bad}, "migrate", "--timeout", "2m")
+	if res.code != 1 || !strings.Contains(res.stderr, "002_bad.sql") || strings.Contains(res.stderr, "no usable database") {
+		t.Errorf("migrate with a failing migration: want exit 1 at once naming 002_bad.sql, got %v", res)
+	}
+	if res.took > time.Minute {
+		t.Errorf("a failing migration took %s to report: it was retried", res.took)
+	}
+	var n int
+	if err := conn.QueryRow(t.Context(), "select count(*) from lanes_history where name = '002_bad.sql'").Scan(&n); err != nil || n != 1 {
+		t.Errorf("002_bad.sql attempts recorded: %d (%v), want 1", n, err)
+	}
+}
