@@ -9,11 +9,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -125,22 +125,15 @@ type replica struct {
 	done chan error
 }
 
-func freeAddr(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 // startReplica starts `lanes serve` on a free port against dbURL and the migrations folder, with
 // application_name lanes-<name> on every connection (PGAPPNAME) and extraEnv (NAME=value) added
 // to the environment. It is killed at the end of the test; its log is printed if the test failed.
 func startReplica(t *testing.T, name, dbURL, migrations string, extraEnv ...string) *replica {
 	t.Helper()
-	r := &replica{name: name, addr: freeAddr(t), log: &logbuf.Buffer{}, done: make(chan error, 1)}
-	r.cmd = exec.Command(lanesBinary(t), "serve", "--addr", r.addr)
+	r := &replica{name: name, log: &logbuf.Buffer{}, done: make(chan error, 1)}
+	// Port 0: the replica binds a free port itself and logs it (a port picked here and closed
+	// could be taken by another process before the replica binds it).
+	r.cmd = exec.Command(lanesBinary(t), "serve", "--addr", "127.0.0.1:0")
 	r.cmd.Env = childEnv(append([]string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + migrations, "PGAPPNAME=lanes-" + name}, extraEnv...)...)
 	r.cmd.Stdout, r.cmd.Stderr = r.log, r.log
 	if err := r.cmd.Start(); err != nil {
@@ -157,8 +150,24 @@ func startReplica(t *testing.T, name, dbURL, migrations string, extraEnv ...stri
 			t.Logf("replica %s log:\n%s", r.name, r.log.String())
 		}
 	})
+	eventually(t, "replica "+name+" logs its address", 60*time.Second, func() bool {
+		if m := servingAddr.FindStringSubmatch(r.log.String()); m != nil {
+			r.addr = m[1]
+			return true
+		}
+		select {
+		case err := <-r.done:
+			r.done <- err // for the cleanup
+			t.Fatalf("replica %s exited (%v) before it listened:\n%s", name, err, r.log.String())
+		default:
+		}
+		return false
+	})
 	return r
 }
+
+// servingAddr finds the address `lanes serve` logs when it listens.
+var servingAddr = regexp.MustCompile(`"addr":"(127\.0\.0\.1:[0-9]+)"`)
 
 // appName returns the application_name of the replica's sessions.
 func (r *replica) appName() string { return "lanes-" + r.name }
