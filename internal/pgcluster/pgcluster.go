@@ -112,6 +112,7 @@ type Cluster struct {
 	mu      sync.Mutex
 	running bool
 	removed bool
+	backups int // backups taken, to name the next one
 }
 
 // Start creates a cluster in a new temporary directory (initdb with trust authentication,
