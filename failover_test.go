@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/multilanes/lanes/internal/pgcluster"
 )
 
@@ -111,5 +113,79 @@ func TestMigrateWaitsForAWritableServer(t *testing.T) {
 	var n int
 	if err := conn.QueryRow(t.Context(), "select count(*) from lanes_history where name = '002_bad.sql'").Scan(&n); err != nil || n != 1 {
 		t.Errorf("002_bad.sql attempts recorded: %d (%v), want 1", n, err)
+	}
+}
+
+// TestServeWaitsForAPrimary starts `lanes serve` while its server is down (as during a crash
+// failover): it does not exit, /healthz answers 200 and /readyz is not ready; once the server is
+// back the replica applies its blocking lane and becomes ready. Then, with every connection slot
+// taken (53300 too many clients), a second replica keeps trying too, and becomes ready once slots
+// are free. On the old code serve exited 1 within milliseconds.
+func TestServeWaitsForAPrimary(t *testing.T) {
+	t.Parallel()
+	c := startCluster(t, pgcluster.Options{MaxConnections: 8})
+	admin := connect(t, c.ConnString("postgres"))
+	for _, sql := range []string{"create role app login", "create database appdb owner app"} {
+		if _, err := admin.Exec(t.Context(), sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	admin.Close(context.Background())
+	dbURL := strings.Replace(c.ConnString("appdb"), "postgres@", "app@", 1)
+	dir := writeTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
+	if err := c.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	r := startReplica(t, "down", dbURL, dir)
+	eventually(t, "the replica says it waits for a database", time.Minute, func() bool {
+		return strings.Contains(r.log.String(), "no usable database yet")
+	})
+	if code, _ := r.get("/healthz"); code != 200 {
+		t.Errorf("/healthz = %d while no database answers, want 200", code)
+	}
+	if r.ready() {
+		t.Fatal("/readyz is ready without a database")
+	}
+	if err := c.Restart(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the replica ready once the server is back", time.Minute, r.ready)
+
+	// Fill every slot a non-superuser may take (max_connections 8 minus 3 reserved, minus the
+	// first replica's own sessions).
+	var held []*pgx.Conn
+	t.Cleanup(func() {
+		for _, h := range held {
+			h.Close(context.Background())
+		}
+	})
+	for {
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		h, err := pgx.Connect(ctx, dbURL)
+		cancel()
+		if err != nil {
+			if !strings.Contains(err.Error(), "53300") {
+				t.Fatalf("filling the connection slots: %v", err)
+			}
+			break
+		}
+		held = append(held, h)
+	}
+	full := startReplica(t, "full", dbURL, dir)
+	eventually(t, "the second replica says it waits for a database", time.Minute, func() bool {
+		return strings.Contains(full.log.String(), "53300")
+	})
+	if full.ready() {
+		t.Fatal("the second replica is ready without a connection")
+	}
+	for _, h := range held {
+		h.Close(context.Background())
+	}
+	held = nil
+	eventually(t, "the second replica ready once slots are free", time.Minute, full.ready)
+	for _, rep := range []*replica{r, full} {
+		if code, _ := rep.get("/healthz"); code != 200 {
+			t.Errorf("replica %s: /healthz = %d at the end, want 200", rep.name, code)
+		}
 	}
 }

@@ -12,6 +12,8 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
+	"github.com/multilanes/lanes/internal/backoff"
+	"github.com/multilanes/lanes/internal/connerr"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
 )
@@ -33,6 +35,12 @@ type Config struct {
 	// a transient error (serialization failure, deadlock, lock timeout, lost connection).
 	// Defaults: 1s and 1m.
 	RetryMin, RetryMax time.Duration
+	// WaitForDatabase makes Start keep trying, with backoff and until its context is done, while
+	// no usable database answers (no server, a failover in progress, a read-only server, too
+	// many clients), instead of returning the error: what a service under an orchestrator wants
+	// (lanes serve sets it). Permanent errors (a refused password, a failed migration) are
+	// returned at once either way. Default: false.
+	WaitForDatabase bool
 	// Now returns the time recorded when this replica learns a lane is done. Default: time.Now.
 	Now func() time.Time
 	// CloseTimeout bounds how long Close waits for what it cancels: a Start still applying the
@@ -193,7 +201,7 @@ func (r *Runtime) Start(ctx context.Context) error {
 // start is Start's work on sctx, which Close cancels; ctx is the caller's, whose values the
 // background goroutine keeps.
 func (r *Runtime) start(sctx, ctx context.Context) error {
-	if err := r.listener.Start(sctx); err != nil {
+	if err := r.untilUsable(sctx, func(ctx context.Context) error { return r.listener.Start(ctx) }); err != nil {
 		return fmt.Errorf("app: %w", err)
 	}
 	for _, l := range r.lanes {
@@ -205,7 +213,12 @@ func (r *Runtime) start(sctx, ctx context.Context) error {
 		}
 		r.setMigrating(l.Name, true)
 		mark := r.readMark()
-		res, err := r.m.Migrate(migrator.WithTrace(sctx, r.trace), l.Name)
+		var res migrator.Result
+		err := r.untilUsable(sctx, func(ctx context.Context) error {
+			var err error
+			res, err = r.m.Migrate(migrator.WithTrace(ctx, r.trace), l.Name)
+			return err
+		})
 		r.setMigrating(l.Name, false)
 		if err != nil {
 			return fmt.Errorf("app: blocking %w", err)
@@ -228,6 +241,45 @@ func (r *Runtime) start(sctx, ctx context.Context) error {
 		r.runBackground(bctx)
 	}()
 	return nil
+}
+
+// untilUsable runs f once, or, with Config.WaitForDatabase, until it succeeds, fails with an
+// error no retry mends, or ctx is done: while no usable database answers (a transient error such
+// as a refused or lost connection, 57P01, 57P03 or 53300, or a read-only server, 25006) it tries
+// again with capped exponential backoff (100 ms to 5 s), saying so once per kind of failure and
+// once when the database answers again.
+func (r *Runtime) untilUsable(ctx context.Context, f func(context.Context) error) error {
+	seen := map[string]bool{}
+	var since time.Time
+	for attempt := 0; ; attempt++ {
+		err := f(ctx)
+		if err == nil {
+			if !since.IsZero() {
+				r.log.Info().Float64("outage_s", time.Since(since).Seconds()).Msg("database usable again")
+			}
+			return nil
+		}
+		var pgErr *pgconn.PgError
+		readOnly := errors.As(err, &pgErr) && pgErr.Code == "25006"
+		if !r.cfg.WaitForDatabase || ctx.Err() != nil || !(migrator.IsTransient(err) || readOnly) {
+			return err
+		}
+		if since.IsZero() {
+			since = time.Now()
+		}
+		kind := "connection"
+		if pgErr != nil {
+			kind = pgErr.Code
+		}
+		if !seen[kind] {
+			seen[kind] = true
+			r.log.Warn().Err(connerr.Compact(err)).
+				Msg("no usable database yet (no server, a failover, a read-only server, too many clients): not ready; retrying with backoff")
+		}
+		if err := backoff.Sleep(ctx, backoff.Exponential(attempt, 100*time.Millisecond, 5*time.Second)); err != nil {
+			return err
+		}
+	}
 }
 
 func (r *Runtime) isClosed() bool {

@@ -150,7 +150,8 @@ func New(connConfig *pgx.ConnConfig, cfg Config, handler Handler) (*Listener, er
 
 // Start connects, LISTENs and runs the handler once, synchronously, so a configuration error
 // fails fast; then it runs the listener in a goroutine until Stop. A LISTEN that is unavailable
-// is not an error: the listener starts in polling mode. Start may be called once. A Stop during
+// is not an error: the listener starts in polling mode. Start may be called once, or again after
+// it failed. A Stop during
 // Start cancels it (its connection is closed, its handler call cancelled) and Start returns an
 // error.
 func (l *Listener) Start(ctx context.Context) error {
@@ -179,6 +180,9 @@ func (l *Listener) Start(ctx context.Context) error {
 		if stopped { // Stop ran while we connected: own nothing
 			return errors.Join(errors.New("notifier: stopped while starting"), err)
 		}
+		l.mu.Lock()
+		l.started = false // a failed Start may be tried again
+		l.mu.Unlock()
 		return err
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))

@@ -205,7 +205,10 @@ func TestBadDatabaseURLNeverPrintsThePassword(t *testing.T) {
 			// A URL that does not parse is bad configuration; a refused port is no usable
 			// database, once the one-shot commands have retried for their --timeout.
 			want := ExitError
-			if parseErr == nil && args[0] != "demo" && args[0] != "serve" {
+			if parseErr == nil && args[0] == "serve" {
+				continue // serve keeps trying while no server answers (TestServeWaitsForAPrimary)
+			}
+			if parseErr == nil && args[0] != "demo" {
 				want = ExitNoDatabase
 			}
 			for _, format := range []string{"json", "console"} {
