@@ -22,9 +22,16 @@ import (
 type Config struct {
 	// Logger receives the runtime's events. Default: no logging.
 	Logger zerolog.Logger
-	// Notifier tunes the LISTEN connection. Its Channel is always the Migrator's and its Logger
-	// is Logger.
+	// Notifier tunes the LISTEN connection. Its Channel is always the Migrator's, its Logger
+	// is Logger and its Deferred is the Runtime's own.
 	Notifier notifier.Config
+	// HintInterval rate-limits what notifications make this replica read, so that a flood of
+	// them (any role may NOTIFY) costs a bounded rate of statements and no session: per lane,
+	// the version read and the lock check a hint calls for each run at once up to 3 times in
+	// a row, then at most once per HintInterval (likewise the full status read a failure or
+	// an operator's control calls for). A hint over the limit is not lost: its read runs when
+	// the limit allows, once for all the hints that arrived meanwhile. Default: 100ms.
+	HintInterval time.Duration
 	// TakeoverInterval bounds how long a replica waiting for another replica's background lane
 	// goes without trying the lane's lock itself (±20 % jitter). The usual way a waiting replica
 	// notices that the applying replica died is quicker and cheaper: the listener's periodic
@@ -68,6 +75,7 @@ type Runtime struct {
 	pool     *pgxpool.Pool
 	metrics  *metrics
 	trace    *migrator.Trace // feeds metrics from the migrator's calls
+	hints    *hints          // the listener's pending reactions to notifications
 
 	mu          sync.Mutex
 	state       map[string]*laneState
@@ -127,6 +135,9 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	if cfg.CloseTimeout <= 0 {
 		cfg.CloseTimeout = 15 * time.Second
 	}
+	if cfg.HintInterval <= 0 {
+		cfg.HintInterval = 100 * time.Millisecond
+	}
 	if cfg.RetryMax < cfg.RetryMin {
 		cfg.RetryMax = max(time.Minute, cfg.RetryMin)
 	}
@@ -137,6 +148,7 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 			done:   make(chan struct{}),
 		}
 	}
+	r.hints = newHints(cfg.HintInterval)
 	r.metrics = newMetrics(r)
 	r.trace = r.metrics.trace()
 	ncfg := cfg.Notifier
@@ -145,6 +157,7 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	if ncfg.Check == nil {
 		ncfg.Check = r.check
 	}
+	ncfg.Deferred = r.react
 	l, err := notifier.New(m.ConnConfig(), ncfg, r.sync)
 	if err != nil {
 		return nil, fmt.Errorf("app: %w", err)
@@ -526,69 +539,22 @@ func (r *Runtime) Status(ctx context.Context) (Status, error) {
 	return st, nil
 }
 
-// sync is the listener's handler: it re-reads the lanes' state from the database on every
-// (re)connect, notification and polling tick. A payload is never trusted: one that does not
-// parse as an Event is ignored without a query, one that does only triggers the re-read.
+// sync is the listener's handler. On every (re)connect and polling tick it re-reads the lanes'
+// state from the database, which settles every pending hint. A notification's payload is never
+// trusted: one that does not parse as an Event is ignored without a query, one that does only
+// calls for a re-read (see hints.go), which runs at once unless a flood of hints has used up
+// its rate limit, and later (the listener's Deferred hook) otherwise.
 func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notification) error {
-	via := "connect"
 	if n != nil {
-		ev, err := migrator.ParseEvent(n.Payload)
-		if err != nil {
-			r.log.Debug().Err(err).Int("bytes", len(n.Payload)).Msg("ignoring a notification that is not a lanes event")
-			return nil
-		}
-		via = "notification"
-		r.log.Debug().Str("lane", ev.Lane).Int32("version", ev.Version).Msg("notification received")
-		_, known := r.state[ev.Lane] // the map itself never changes after New
-		if known && ev.Progress != nil {
-			r.setProgress(ev) // a hint, kept as such: no query
-			return nil
-		}
-		if known && ev.State == migrator.EventReleased {
-			// The applying session stopped and released the lock: waiting replicas try it now.
-			// A spoofed hint costs only that try.
-			r.setLocked(ev.Lane, false, via)
-		}
-		if known && ev.State != migrator.EventFailed && ev.Control == "" {
-			// A migration committed: only that lane's version changed. Re-read just it (one
-			// short statement) rather than the full status, whose pg_locks scans cost
-			// O(max_connections) and run on every replica at the same moment.
-			mark := r.readMark()
-			v, err := r.m.Version(ctx, conn, ev.Lane)
-			if err != nil {
-				return err
-			}
-			if r.movedBack(ev.Lane, v, mark) {
-				goto full // the lane moved backwards: read its full state (lock, failure)
-			}
-			r.modify(ev.Lane, via, mark, func(st *migrator.LaneStatus) {
-				if v <= st.Version {
-					return
-				}
-				st.Version = v
-				if st.Failure != nil && st.Failure.Version <= v {
-					st.Failure, st.Error = nil, ""
-				}
-				switch {
-				case v > st.Latest:
-					st.State, st.Locked = migrator.StateAhead, false
-				case v == st.Latest:
-					st.State, st.Locked = migrator.StateDone, false
-				}
-			})
-			return nil
-		}
-	} else if r.listener != nil && r.listener.Delivery() == notifier.DeliveryPolling {
-		via = "poll"
-	}
-full:
-	mark := r.readMark()
-	lanes, err := r.m.Status(ctx, conn)
-	if err != nil {
+		r.reactTo(n)
+		_, err := r.react(ctx, conn)
 		return err
 	}
-	r.update(lanes, via, mark)
-	return nil
+	via := "connect"
+	if r.listener != nil && r.listener.Delivery() == notifier.DeliveryPolling {
+		via = "poll"
+	}
+	return r.readStatus(ctx, conn, via) // it covers every hint received before it
 }
 
 // applied records what this replica's own Migrate call did, without waiting for the listener.

@@ -30,12 +30,8 @@ func (r *Runtime) check(ctx context.Context, conn *pgx.Conn) error {
 		return conn.Ping(ctx)
 	}
 	for _, lane := range waiting {
-		key, err := r.m.ApplierLockKey(lane) // no query: the check stays one statement
+		free, err := r.lockFree(ctx, conn, lane)
 		if err != nil {
-			return err
-		}
-		var free bool
-		if err := conn.QueryRow(ctx, "select case when pg_try_advisory_lock($1) then pg_advisory_unlock($1) else false end", key).Scan(&free); err != nil {
 			return err
 		}
 		if free {
@@ -43,6 +39,18 @@ func (r *Runtime) check(ctx context.Context, conn *pgx.Conn) error {
 		}
 	}
 	return nil
+}
+
+// lockFree reports whether the lane's lock is free, taking and releasing it at once: one
+// statement.
+func (r *Runtime) lockFree(ctx context.Context, conn *pgx.Conn, lane string) (bool, error) {
+	key, err := r.m.ApplierLockKey(lane) // no query
+	if err != nil {
+		return false, err
+	}
+	var free bool
+	err = conn.QueryRow(ctx, "select case when pg_try_advisory_lock($1) then pg_advisory_unlock($1) else false end", key).Scan(&free)
+	return free, err
 }
 
 // setLocked records whether the lane's lock was seen held.

@@ -50,6 +50,13 @@ type Config struct {
 	// proves the connection); an error makes the listener reconnect. The app runtime uses it to
 	// see whether the lock of a lane it waits for has been released.
 	Check func(ctx context.Context, conn *pgx.Conn) error
+	// Deferred, when set, runs work the handler put off (the app runtime rate-limits the reads
+	// a flood of notifications would cause, keeping the latest hint). While listening, the
+	// listener calls it on its connection, under HandlerTimeout, after every handler call made
+	// for a notification and when the time it last returned comes; it returns when it wants to
+	// run next, or the zero time for not before the next notification. An error makes the
+	// listener reconnect.
+	Deferred func(ctx context.Context, conn *pgx.Conn) (next time.Time, err error)
 	// HandlerTimeout bounds each handler call, so that a read stuck on a dead connection (while
 	// polling, when no ping runs) is abandoned and the connection replaced. Default: 30s.
 	HandlerTimeout time.Duration
@@ -403,14 +410,26 @@ func (l *Listener) fallback(why string) {
 // the connection fails or ctx is done.
 func (l *Listener) listen(ctx context.Context, conn *pgx.Conn) error {
 	lastCheck := time.Now()
+	var next time.Time // when Config.Deferred runs next; zero: not scheduled
 	for {
-		wait := l.cfg.PingInterval - time.Since(lastCheck)
+		now := time.Now()
+		if !next.IsZero() && !now.Before(next) {
+			var err error
+			if next, err = l.deferred(ctx, conn); err != nil {
+				return err
+			}
+			continue
+		}
+		wait := l.cfg.PingInterval - now.Sub(lastCheck)
 		if wait <= 0 {
 			if err := l.check(ctx, conn); err != nil {
 				return err
 			}
 			lastCheck = time.Now()
 			continue
+		}
+		if !next.IsZero() {
+			wait = min(wait, next.Sub(now))
 		}
 		wctx, cancel := context.WithTimeout(ctx, wait)
 		n, err := conn.WaitForNotification(wctx)
@@ -428,7 +447,24 @@ func (l *Listener) listen(ctx context.Context, conn *pgx.Conn) error {
 		if err := l.sync(ctx, conn, n); err != nil {
 			return err
 		}
+		if next, err = l.deferred(ctx, conn); err != nil {
+			return err
+		}
 	}
+}
+
+// deferred runs Config.Deferred under HandlerTimeout and returns when to run it next.
+func (l *Listener) deferred(ctx context.Context, conn *pgx.Conn) (time.Time, error) {
+	if l.cfg.Deferred == nil {
+		return time.Time{}, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, l.cfg.HandlerTimeout)
+	defer cancel()
+	next, err := l.cfg.Deferred(ctx, conn)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("notifier: deferred: %w", err)
+	}
+	return next, nil
 }
 
 // check pings the connection, or runs Config.Check, under PingTimeout.

@@ -307,3 +307,40 @@ func TestStopDuringStartLeavesNothingRunning(t *testing.T) {
 		t.Error("Start after Stop succeeded")
 	}
 }
+
+// Deferred runs after each notification's handler call, and again, without any notification,
+// once the time it asked for comes: work a handler put off is never left pending.
+func TestDeferredRunsWhenItAsks(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	s := &state{}
+	calls := make(chan time.Time, 10)
+	var asked time.Time
+	cfg := notifier.Config{PingInterval: time.Hour, Deferred: func(ctx context.Context, conn *pgx.Conn) (time.Time, error) {
+		var v int
+		if err := conn.QueryRow(ctx, "select v from state").Scan(&v); err != nil {
+			return time.Time{}, err
+		}
+		calls <- time.Now()
+		if asked.IsZero() {
+			asked = time.Now().Add(100 * time.Millisecond)
+			return asked, nil
+		}
+		return time.Time{}, nil
+	}}
+	e.listener(e.cc, s, cfg)
+	e.commit(1)
+	for i := range 2 {
+		select {
+		case at := <-calls:
+			if i == 1 && at.Before(asked) {
+				t.Fatalf("Deferred ran again at %s, before the time it asked for (%s)", at, asked)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("Deferred call %d never came", i+1)
+		}
+	}
+	if _, _, hints := s.get(); hints != 1 {
+		t.Fatalf("hints = %d, want 1: the second Deferred call came without a notification", hints)
+	}
+}
