@@ -209,14 +209,24 @@ func TestFaultConcurrentStartupAppliesExactlyOnce(t *testing.T) {
 // could create long_made again).
 func TestFaultTakeoverAfterSigkill(t *testing.T) {
 	t.Parallel()
+	takeoverAfterSigkill(t, nil)
+}
+
+// takeoverAfterSigkill is TestFaultTakeoverAfterSigkill, with the replicas connecting through
+// through(t, dbURL) (a pooler) when through is not nil.
+func takeoverAfterSigkill(t *testing.T, through func(t *testing.T, dbURL string) string) {
 	serverSlots.reserve(t, 3)
 	dbURL := pgtest.NewDB(t)
+	replicaURL := dbURL
+	if through != nil {
+		replicaURL = through(t, dbURL)
+	}
 	dir := runsLanes(t)
 	key := lockKey(t, dbURL, dir, "slow")
 	conn := connect(t, dbURL)
 	rs := map[string]*replica{}
 	for _, name := range []string{"k1", "k2", "k3"} {
-		rs["lanes-"+name] = startReplica(t, name, dbURL, dir)
+		rs["lanes-"+name] = startReplica(t, name, replicaURL, dir)
 	}
 	for _, r := range rs {
 		eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)

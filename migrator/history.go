@@ -39,6 +39,11 @@ values ($1, $2, $3, $4, $5, $6, $7, $8, $9)`, l.Name, mig.Version, mig.Name, mig
 			b.Queue(restore)
 		}
 	}
+	if m.appName != "" {
+		// Behind a pooler (PgBouncer sets application_name with SET on its server connection),
+		// reset all would blank the session's name in pg_stat_activity for the rest of the run.
+		b.Queue("select set_config('application_name', $1, false)", m.appName)
+	}
 	br := tx.SendBatch(ctx, b)
 	_, err := br.Exec()
 	var tag pgconn.CommandTag

@@ -139,6 +139,9 @@ func runForce(ctx context.Context, c *command, lane string, version int32) error
 	if err := checkLane(m, lane); err != nil {
 		return err
 	}
+	if err := refuseSharedSessions(ctx, c, m); err != nil {
+		return err
+	}
 	from, err := m.Force(ctx, lane, version)
 	if err != nil {
 		var le *migrator.LockedError

@@ -49,6 +49,9 @@ func runMigrate(ctx context.Context, c *command, only []string, timeout time.Dur
 			return usageErrorf("unknown lane %q (lanes: %s)", n, strings.Join(names, ", "))
 		}
 	}
+	if err := refuseSharedSessions(ctx, c, m); err != nil {
+		return err
+	}
 	c.log.Info().Str("target", target(m.ConnConfig())).Msg("applying db migrations")
 	for _, name := range names {
 		if len(only) > 0 && !slices.Contains(only, name) {

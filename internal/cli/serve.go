@@ -49,6 +49,9 @@ func runServe(ctx context.Context, c *command, addr string) error {
 	if err != nil {
 		return err
 	}
+	if err := refuseSharedSessions(ctx, c, m); err != nil {
+		return err
+	}
 	r, err := app.New(m, app.Config{Logger: c.log, TakeoverInterval: tu.takeover, Notifier: tu.notifierConfig(), WaitForDatabase: true})
 	if err != nil {
 		return err
