@@ -19,7 +19,8 @@ var ErrSharedSessions = errors.New("two connections got the same server session:
 // whichever client sends the next transaction, so with an idle pool both get the same one, and
 // CheckSessions returns an error wrapping ErrSharedSessions. A pool busy with other clients can
 // give different sessions even in transaction mode, so a nil error is evidence, not proof. Run
-// it before applying lanes; it costs two short connections.
+// it before applying lanes; it costs two short connections. A failure to connect is returned
+// as Connect returns it.
 func (m *Migrator) CheckSessions(ctx context.Context) error {
 	var pids [2]int32
 	var conns [2]*pgx.Conn
@@ -33,7 +34,7 @@ func (m *Migrator) CheckSessions(ctx context.Context) error {
 	for i := range conns {
 		c, err := m.Connect(ctx)
 		if err != nil {
-			return fmt.Errorf("check server sessions: %w", err)
+			return err
 		}
 		conns[i] = c
 	}
