@@ -49,9 +49,6 @@ func runServe(ctx context.Context, c *command, addr string) error {
 	if err != nil {
 		return err
 	}
-	if err := refuseSharedSessions(ctx, c, m); err != nil {
-		return err
-	}
 	r, err := app.New(m, app.Config{Logger: c.log, TakeoverInterval: tu.takeover, Notifier: tu.notifierConfig(), WaitForDatabase: true})
 	if err != nil {
 		return err
@@ -63,6 +60,10 @@ func runServe(ctx context.Context, c *command, addr string) error {
 	}
 	if c.env.onListen != nil {
 		c.env.onListen(ln.Addr())
+	}
+	if err := refuseSharedSessions(ctx, c, m); err != nil {
+		ln.Close()
+		return err
 	}
 	srv := &http.Server{
 		Handler:           r.Handler(),
