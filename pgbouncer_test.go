@@ -8,7 +8,9 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -34,6 +36,30 @@ func pgbouncerBinary(t *testing.T) string {
 	return ""
 }
 
+// pgbouncerPorts hands out the ports the PgBouncer tests listen on (pgbouncer cannot listen on
+// port 0 and say which port it got): 6432-6439, each checked free first.
+var pgbouncerPorts struct {
+	mu   sync.Mutex
+	next int
+}
+
+func pgbouncerAddr(t *testing.T) string {
+	t.Helper()
+	pgbouncerPorts.mu.Lock()
+	defer pgbouncerPorts.mu.Unlock()
+	for range 8 {
+		port := 6432 + pgbouncerPorts.next%8
+		pgbouncerPorts.next++
+		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+		if ln, err := net.Listen("tcp", addr); err == nil {
+			ln.Close()
+			return addr
+		}
+	}
+	t.Fatal("no free port in 6432-6439 for pgbouncer")
+	return ""
+}
+
 // startPgBouncer starts a PgBouncer in front of the server of dbURL, with Debian's default
 // settings apart from the database line, the listen address, trust authentication and
 // pool_mode (session or transaction), and returns dbURL rewritten to go through it. It is
@@ -49,7 +75,7 @@ func startPgBouncer(t *testing.T, dbURL, poolMode string) string {
 	if err := os.Chmod(dir, 0o755); err != nil { // pgbouncer drops root for the postgres user
 		t.Fatal(err)
 	}
-	addr := freeAddr(t)
+	addr := pgbouncerAddr(t)
 	_, port, _ := net.SplitHostPort(addr)
 	host := cfg.Host
 	if strings.HasPrefix(host, "/") {
@@ -138,7 +164,7 @@ func TestPgBouncerTransactionModeIsRefused(t *testing.T) {
 		"slow/001_b.sql": "insert into a values (1);",
 	})
 	env := []string{"DATABASE_URL=" + poolURL, "LANES_MIGRATIONS=" + dir}
-	for _, args := range [][]string{{"migrate"}, {"force", "--lane", "fast", "--version", "1"}, {"serve", "--addr", freeAddr(t)}} {
+	for _, args := range [][]string{{"migrate"}, {"force", "--lane", "fast", "--version", "1"}, {"serve", "--addr", "127.0.0.1:0"}} {
 		res := runLanes(t, env, args...)
 		if res.code != 1 || !strings.Contains(res.stderr, "transaction or statement mode") || !strings.Contains(res.stderr, "pool_mode = session") {
 			t.Errorf("lanes %s through a transaction pooler: %v", args[0], res)
