@@ -44,5 +44,5 @@ func BackfillExample(ctx context.Context, tx pgx.Tx, lo, hi int64) error {
 // BatchConfig returns batch settings that spread the demo's backfill of 50,000 rows over about
 // d: batches of about a thousand rows with a pause between them.
 func BatchConfig(d time.Duration) migrator.BatchConfig {
-	return migrator.BatchConfig{Target: 15 * time.Millisecond, Pause: d / 50}
+	return migrator.BatchConfig{Target: 50 * time.Millisecond, Pause: d / 50}
 }

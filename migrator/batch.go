@@ -42,7 +42,8 @@ type BatchConfig struct {
 	// Target is the duration a batch should take. The batch size moves toward it: the time per
 	// row is smoothed over recent batches (exponential moving average, weight 0.4), the size
 	// grows by at most 1.2x per batch, and is cut tenfold at once after a batch that took more
-	// than five times the target. Default: 200ms.
+	// than five times the target; it never falls below a tenth of the starting size (smaller
+	// batches do not get shorter once their fixed cost exceeds the target). Default: 200ms.
 	Target time.Duration
 	// Pause is a sleep between batches. Default: 0.
 	Pause time.Duration
@@ -219,8 +220,11 @@ type sizer struct {
 	min, max int
 }
 
+// newSizer starts at start rows. The size it learns never falls below a tenth of start: when
+// a batch's fixed cost (round trips, the commit's flush) alone exceeds the target, as on a
+// loaded server, smaller batches would not be shorter, only more numerous.
 func newSizer(start int, target time.Duration) *sizer {
-	return &sizer{size: start, target: target, min: 1, max: 1_000_000}
+	return &sizer{size: start, target: target, min: max(1, start/10), max: 1_000_000}
 }
 
 // observe records a batch of rows that took d and sets the next size.
@@ -257,4 +261,6 @@ func (s *sizer) observe(rows int, d time.Duration) {
 }
 
 // shrink cuts the size after a batch that timed out.
-func (s *sizer) shrink() { s.size = max(s.min, s.size/10) }
+// shrink cuts the size tenfold after a batch that timed out, down to one row (below the floor
+// of observe: a timed-out range is narrowed until it passes or is named).
+func (s *sizer) shrink() { s.size = max(1, s.size/10) }

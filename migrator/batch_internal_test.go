@@ -124,4 +124,19 @@ func TestSizer(t *testing.T) {
 	if s.size < 1 || s.size > 11 {
 		t.Fatalf("shrink: %d", s.size)
 	}
+	// A loaded server: every batch costs 3x the target whatever its size. The size settles at
+	// its floor, a tenth of the start, instead of collapsing to one row.
+	s = newSizer(1000, target)
+	for range 50 {
+		s.observe(s.size, 3*target)
+	}
+	if s.size != 100 {
+		t.Fatalf("size under a fixed cost over the target = %d, want the floor 100", s.size)
+	}
+	// A timed-out batch is still narrowed below the floor.
+	s.shrink()
+	s.shrink()
+	if s.size != 1 {
+		t.Fatalf("shrink below the floor: %d", s.size)
+	}
 }
