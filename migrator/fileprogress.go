@@ -76,12 +76,17 @@ func (m *Migrator) sampleOnce(ctx context.Context, sc *pgx.Conn, pid uint32, l *
 		phase       string
 		done, total int64
 	)
+	// pg_stat_progress_copy exists from PostgreSQL 14 on.
+	copyProgress := ""
+	if v, err := ServerVersion(ctx, sc.PgConn()); err == nil && v >= 140000 {
+		copyProgress = `
+  union all select 5, lower(command) || ': ' || tuples_processed || ' tuples', 0, 0 from pg_stat_progress_copy where pid = $1`
+	}
 	err := sc.QueryRow(ctx, `select phase, done, total from (
   select 1 o, 'create index: ' || phase phase, coalesce(blocks_done, 0) done, coalesce(blocks_total, 0) total from pg_stat_progress_create_index where pid = $1
   union all select 2, lower(command) || ': ' || phase, heap_blks_scanned, heap_blks_total from pg_stat_progress_cluster where pid = $1
   union all select 3, 'vacuum: ' || phase, heap_blks_scanned, heap_blks_total from pg_stat_progress_vacuum where pid = $1
-  union all select 4, 'analyze: ' || phase, sample_blks_scanned, sample_blks_total from pg_stat_progress_analyze where pid = $1
-  union all select 5, lower(command) || ': ' || tuples_processed || ' tuples', 0, 0 from pg_stat_progress_copy where pid = $1
+  union all select 4, 'analyze: ' || phase, sample_blks_scanned, sample_blks_total from pg_stat_progress_analyze where pid = $1`+copyProgress+`
   union all select 6, 'waiting for a lock (' || wait_event || ')', 0, 0 from pg_stat_activity where pid = $1 and wait_event_type = 'Lock'
   union all select 7, 'running', 0, 0
 ) p order by o limit 1`, int32(pid)).Scan(&phase, &done, &total)
