@@ -15,6 +15,7 @@ import (
 
 	"github.com/multilanes/lanes/internal/pgcluster"
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -25,7 +26,7 @@ const backfillRows = 20000
 // with even keys) and whose slow lane is a batched file adding one to every row's n, with a
 // 20 ms sleep per batch so that the walk lasts a few seconds.
 func backfillLanes(t *testing.T) string {
-	return writeTree(t, map[string]string{
+	return testkit.WriteTree(t, map[string]string{
 		"fast/001_items.sql": fmt.Sprintf(`create table items (id int8 primary key, n int not null default 0);
 insert into items (id) select 2 * g from generate_series(1, %d) g;
 analyze items;`, backfillRows),
@@ -41,21 +42,21 @@ var backfillEnv = []string{"LANES_BATCH_TARGET=50ms", "LANES_BATCH_PAUSE=30ms"}
 // walked returns the committed progress of the slow lane's walk (0 before it starts).
 func walked(t *testing.T, conn *pgx.Conn) int64 {
 	t.Helper()
-	return scalar[int64](t, conn, "select coalesce((select done from lanes_progress where lane = 'slow' and version = 1), 0)")
+	return pgtest.Scalar[int64](t, conn, "select coalesce((select done from lanes_progress where lane = 'slow' and version = 1), 0)")
 }
 
 // checkVisitedOnce fails unless every row was visited exactly once and the walk and the lane
 // are recorded as finished once.
 func checkVisitedOnce(t *testing.T, conn *pgx.Conn) {
 	t.Helper()
-	if n := scalar[int](t, conn, "select count(*) from items where n <> 1"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from items where n <> 1"); n != 0 {
 		t.Errorf("%d rows not visited exactly once (n = n + 1 per visit): %d twice, %d never", n,
-			scalar[int](t, conn, "select count(*) from items where n > 1"), scalar[int](t, conn, "select count(*) from items where n = 0"))
+			pgtest.Scalar[int](t, conn, "select count(*) from items where n > 1"), pgtest.Scalar[int](t, conn, "select count(*) from items where n = 0"))
 	}
-	if n := scalar[int](t, conn, fmt.Sprintf("select count(*) from lanes_progress where lane = 'slow' and done = %d and finished_at is not null", backfillRows)); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, fmt.Sprintf("select count(*) from lanes_progress where lane = 'slow' and done = %d and finished_at is not null", backfillRows)); n != 1 {
 		t.Error("the walk's progress does not record every row done")
 	}
-	if n := scalar[int](t, conn, "select count(*) from lanes_history where lane = 'slow' and version = 1 and error is null"); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where lane = 'slow' and version = 1 and error is null"); n != 1 {
 		t.Errorf("%d history rows for the applied backfill, want 1", n)
 	}
 }
@@ -67,12 +68,12 @@ func TestFaultBackfillSigkillResumesExactlyOnce(t *testing.T) {
 	serverSlots.reserve(t, 2)
 	dbURL := pgtest.NewDB(t)
 	dir := backfillLanes(t)
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	a := startReplica(t, "a", dbURL, dir, backfillEnv...)
-	eventually(t, "replica a ready", 60*time.Second, a.ready)
+	testkit.Eventually(t, "replica a ready", 60*time.Second, a.ready)
 	b := startReplica(t, "b", dbURL, dir, backfillEnv...)
-	eventually(t, "replica b ready", 60*time.Second, b.ready)
-	eventually(t, "a quarter walked", 60*time.Second, func() bool { return walked(t, conn) >= backfillRows/4 })
+	testkit.Eventually(t, "replica b ready", 60*time.Second, b.ready)
+	testkit.Eventually(t, "a quarter walked", 60*time.Second, func() bool { return walked(t, conn) >= backfillRows/4 })
 	applier, other := a, b
 	if k, _ := b.knows("slow"); k.Role == "applying" {
 		applier, other = b, a
@@ -83,7 +84,7 @@ func TestFaultBackfillSigkillResumesExactlyOnce(t *testing.T) {
 	if atKill >= backfillRows {
 		t.Fatalf("the walk finished before the kill (%d rows); make it longer", atKill)
 	}
-	eventually(t, "the other replica finishes the lane", 90*time.Second, func() bool {
+	testkit.Eventually(t, "the other replica finishes the lane", 90*time.Second, func() bool {
 		k, ok := other.knows("slow")
 		return ok && k.Done
 	})
@@ -103,22 +104,22 @@ func TestFaultBackfillSurvivesServerRestart(t *testing.T) {
 	dbURL := c.ConnString("postgres")
 	dir := backfillLanes(t)
 	r := startReplica(t, "r", dbURL, dir, backfillEnv...)
-	eventually(t, "replica ready", 60*time.Second, r.ready)
+	testkit.Eventually(t, "replica ready", 60*time.Second, r.ready)
 	func() {
-		conn := connect(t, dbURL)
+		conn := pgtest.Connect(t, dbURL)
 		defer conn.Close(t.Context())
-		eventually(t, "a quarter walked", 60*time.Second, func() bool { return walked(t, conn) >= backfillRows/4 })
+		testkit.Eventually(t, "a quarter walked", 60*time.Second, func() bool { return walked(t, conn) >= backfillRows/4 })
 	}()
 	if err := c.Restart(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the lane done after the restart", 120*time.Second, func() bool {
+	testkit.Eventually(t, "the lane done after the restart", 120*time.Second, func() bool {
 		k, ok := r.knows("slow")
 		return ok && k.Done
 	})
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	checkVisitedOnce(t, conn)
-	if n := scalar[int](t, conn, "select count(*) from lanes_history where error is not null and sqlstate not in ('57P01', '57P02', '57P03', '08006')"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where error is not null and sqlstate not in ('57P01', '57P02', '57P03', '08006')"); n != 0 {
 		t.Errorf("the restart was recorded as %d permanent failures", n)
 	}
 	if log := r.log.String(); !strings.Contains(log, "interrupted by a transient error") || !strings.Contains(log, "resuming the batched migration") {
@@ -134,14 +135,14 @@ func TestFaultBackfillPauseSurvivesRestart(t *testing.T) {
 	dbURL := pgtest.NewDB(t)
 	dir := backfillLanes(t)
 	env := []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir}
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	r1 := startReplica(t, "r1", dbURL, dir, backfillEnv...)
-	eventually(t, "replica ready", 60*time.Second, r1.ready)
-	eventually(t, "a tenth walked", 60*time.Second, func() bool { return walked(t, conn) >= backfillRows/10 })
+	testkit.Eventually(t, "replica ready", 60*time.Second, r1.ready)
+	testkit.Eventually(t, "a tenth walked", 60*time.Second, func() bool { return walked(t, conn) >= backfillRows/10 })
 	if run := runLanes(t, env, "pause", "--lane", "slow"); run.code != 0 {
 		t.Fatalf("lanes pause: %s", run)
 	}
-	eventually(t, "the applier stops at a batch boundary", 30*time.Second, func() bool {
+	testkit.Eventually(t, "the applier stops at a batch boundary", 30*time.Second, func() bool {
 		for _, l := range r1.status(t).Lanes {
 			if l.Name == "slow" {
 				return l.State == migrator.StatePaused && !l.Locked
@@ -155,8 +156,8 @@ func TestFaultBackfillPauseSurvivesRestart(t *testing.T) {
 	paused := walked(t, conn)
 	r1.stop(t)
 	r2 := startReplica(t, "r2", dbURL, dir, backfillEnv...)
-	eventually(t, "replica r2 ready", 60*time.Second, r2.ready)
-	eventually(t, "r2 finds the lane paused", 30*time.Second, func() bool {
+	testkit.Eventually(t, "replica r2 ready", 60*time.Second, r2.ready)
+	testkit.Eventually(t, "r2 finds the lane paused", 30*time.Second, func() bool {
 		return strings.Contains(r2.log.String(), "background lane paused")
 	})
 	if k := r2.known(t, "slow"); !k.Paused || k.Done {
@@ -176,7 +177,7 @@ func TestFaultBackfillPauseSurvivesRestart(t *testing.T) {
 	if run := runLanes(t, env, "resume", "--lane", "slow"); run.code != 0 {
 		t.Fatalf("lanes resume: %s", run)
 	}
-	eventually(t, "the lane done after resume", 60*time.Second, func() bool {
+	testkit.Eventually(t, "the lane done after resume", 60*time.Second, func() bool {
 		k, ok := r2.knows("slow")
 		return ok && k.Done
 	})
@@ -196,15 +197,15 @@ func TestFaultBackfillThrottledByStandbyLag(t *testing.T) {
 	t.Cleanup(func() { standby.Stop() })
 	dbURL := primary.ConnString("postgres")
 	dir := backfillLanes(t)
-	sconn := connect(t, standby.ConnString("postgres"))
+	sconn := pgtest.Connect(t, standby.ConnString("postgres"))
 	if _, err := sconn.Exec(t.Context(), "select pg_wal_replay_pause()"); err != nil {
 		t.Fatal(err)
 	}
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	r := startReplica(t, "r", dbURL, dir, append(backfillEnv, "LANES_MAX_REPLICATION_LAG=1s")...)
-	eventually(t, "replica ready", 60*time.Second, r.ready)
+	testkit.Eventually(t, "replica ready", 60*time.Second, r.ready)
 	var reason string
-	eventually(t, "the walk throttled by the standby's lag", 60*time.Second, func() bool {
+	testkit.Eventually(t, "the walk throttled by the standby's lag", 60*time.Second, func() bool {
 		k, ok := r.knows("slow")
 		if ok && k.Progress != nil && strings.Contains(k.Progress.Throttled, "replication lag") {
 			reason = k.Progress.Throttled
@@ -218,21 +219,21 @@ func TestFaultBackfillThrottledByStandbyLag(t *testing.T) {
 	}
 	// While replay stays paused, the walk stays where it is: the throttle is re-checked (and
 	// its row updated) every second; two updates later nothing more is walked.
-	since := scalar[time.Time](t, conn, "select updated_at from lanes_progress where lane = 'slow'")
-	eventually(t, "two throttle re-checks", 30*time.Second, func() bool {
-		return scalar[time.Time](t, conn, "select updated_at from lanes_progress where lane = 'slow'").Sub(since) >= 1500*time.Millisecond
+	since := pgtest.Scalar[time.Time](t, conn, "select updated_at from lanes_progress where lane = 'slow'")
+	testkit.Eventually(t, "two throttle re-checks", 30*time.Second, func() bool {
+		return pgtest.Scalar[time.Time](t, conn, "select updated_at from lanes_progress where lane = 'slow'").Sub(since) >= 1500*time.Millisecond
 	})
 	if now := walked(t, conn); now != held {
 		t.Fatalf("the walk moved from %d to %d while the standby lagged", held, now)
 	}
-	if s := scalar[string](t, conn, "select throttled from lanes_progress where lane = 'slow'"); !strings.Contains(s, "replication lag") {
+	if s := pgtest.Scalar[string](t, conn, "select throttled from lanes_progress where lane = 'slow'"); !strings.Contains(s, "replication lag") {
 		t.Fatalf("durable throttle reason = %q", s)
 	}
 	t.Logf("throttled at %d rows: %s", held, reason)
 	if _, err := sconn.Exec(t.Context(), "select pg_wal_replay_resume()"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the lane done once replay resumed", 90*time.Second, func() bool {
+	testkit.Eventually(t, "the lane done once replay resumed", 90*time.Second, func() bool {
 		k, ok := r.knows("slow")
 		return ok && k.Done
 	})

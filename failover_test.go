@@ -14,6 +14,8 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/internal/pgcluster"
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 )
 
 // TestMigrateRetriesAcrossServerRestartAndOutage runs `lanes migrate` on runsLanes: while the
@@ -29,7 +31,7 @@ func TestMigrateRetriesAcrossServerRestartAndOutage(t *testing.T) {
 	dir := runsLanes(t)
 	key := lockKey(t, dbURL, dir, "slow")
 	p := startLanes(t, []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir, "PGAPPNAME=lanes-m1"}, "migrate", "--timeout", "2m")
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	waitForHolder(t, conn, key, "pg_sleep")
 	hurryUp(t, conn) // the re-run sleeps 0.2 s; the running one would sleep its minute
 	// The kill below loses what is not flushed yet (the cluster may run without synchronous
@@ -41,7 +43,7 @@ func TestMigrateRetriesAcrossServerRestartAndOutage(t *testing.T) {
 	if err := c.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "migrate says it retries", time.Minute, func() bool {
+	testkit.Eventually(t, "migrate says it retries", time.Minute, func() bool {
 		return strings.Contains(p.stderr.String(), "no usable database")
 	})
 	if p.exited() {
@@ -53,7 +55,7 @@ func TestMigrateRetriesAcrossServerRestartAndOutage(t *testing.T) {
 	if code, _ := p.wait(t, 2*time.Minute); code != 0 {
 		t.Fatalf("migrate exited %d across the outage:\n%s", code, p.stderr.String())
 	}
-	conn = connect(t, dbURL)
+	conn = pgtest.Connect(t, dbURL)
 	runs := runsByVersion(t, conn)
 	if len(runs[1]) != 1 || len(runs[2]) != 1 || len(runs[3]) != 1 || len(runs) != 3 {
 		t.Errorf("runs = %v; want versions 1, 2 and 3 once each", runs)
@@ -75,14 +77,14 @@ func TestMigrateRetriesAcrossServerRestartAndOutage(t *testing.T) {
 func TestMigrateWaitsForAWritableServer(t *testing.T) {
 	t.Parallel()
 	c := startCluster(t, pgcluster.Options{})
-	admin := connect(t, c.ConnString("postgres"))
+	admin := pgtest.Connect(t, c.ConnString("postgres"))
 	for _, sql := range []string{"create database ro", "alter database ro set default_transaction_read_only = on"} {
 		if _, err := admin.Exec(t.Context(), sql); err != nil {
 			t.Fatal(err)
 		}
 	}
 	dbURL := c.ConnString("ro")
-	dir := writeTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
+	dir := testkit.WriteTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
 	env := []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir}
 
 	res := runLanes(t, env, "migrate", "--timeout", "1s")
@@ -90,7 +92,7 @@ func TestMigrateWaitsForAWritableServer(t *testing.T) {
 		t.Fatalf("migrate on a read-only database with --timeout 1s: want exit 4 saying read-only, got %v", res)
 	}
 	p := startLanes(t, env, "migrate", "--timeout", "2m")
-	eventually(t, "migrate says it retries", time.Minute, func() bool {
+	testkit.Eventually(t, "migrate says it retries", time.Minute, func() bool {
 		return strings.Contains(p.stderr.String(), "no usable database")
 	})
 	if _, err := admin.Exec(t.Context(), "alter database ro reset default_transaction_read_only"); err != nil {
@@ -99,10 +101,10 @@ func TestMigrateWaitsForAWritableServer(t *testing.T) {
 	if code, _ := p.wait(t, time.Minute); code != 0 {
 		t.Fatalf("migrate exited %d once the database took writes:\n%s", code, p.stderr.String())
 	}
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	checkHistoryExactlyOnce(t, conn, 2)
 
-	bad := writeTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);", "slow/002_bad.sql": "select 1/0;"})
+	bad := testkit.WriteTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);", "slow/002_bad.sql": "select 1/0;"})
 	res = runLanes(t, []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + bad}, "migrate", "--timeout", "2m")
 	if res.code != 1 || !strings.Contains(res.stderr, "002_bad.sql") || strings.Contains(res.stderr, "no usable database") {
 		t.Errorf("migrate with a failing migration: want exit 1 at once naming 002_bad.sql, got %v", res)
@@ -124,7 +126,7 @@ func TestMigrateWaitsForAWritableServer(t *testing.T) {
 func TestServeWaitsForAPrimary(t *testing.T) {
 	t.Parallel()
 	c := startCluster(t, pgcluster.Options{MaxConnections: 8})
-	admin := connect(t, c.ConnString("postgres"))
+	admin := pgtest.Connect(t, c.ConnString("postgres"))
 	for _, sql := range []string{"create role app login", "create database appdb owner app"} {
 		if _, err := admin.Exec(t.Context(), sql); err != nil {
 			t.Fatal(err)
@@ -132,12 +134,12 @@ func TestServeWaitsForAPrimary(t *testing.T) {
 	}
 	admin.Close(context.Background())
 	dbURL := strings.Replace(c.ConnString("appdb"), "postgres@", "app@", 1)
-	dir := writeTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
+	dir := testkit.WriteTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
 	if err := c.Kill(); err != nil {
 		t.Fatal(err)
 	}
 	r := startReplica(t, "down", dbURL, dir)
-	eventually(t, "the replica says it waits for a database", time.Minute, func() bool {
+	testkit.Eventually(t, "the replica says it waits for a database", time.Minute, func() bool {
 		return strings.Contains(r.log.String(), "no usable database yet")
 	})
 	if code, _ := r.get("/healthz"); code != 200 {
@@ -149,7 +151,7 @@ func TestServeWaitsForAPrimary(t *testing.T) {
 	if err := c.Restart(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the replica ready once the server is back", time.Minute, r.ready)
+	testkit.Eventually(t, "the replica ready once the server is back", time.Minute, r.ready)
 
 	// Fill every slot a non-superuser may take (max_connections 8 minus 3 reserved, minus the
 	// first replica's own sessions).
@@ -172,7 +174,7 @@ func TestServeWaitsForAPrimary(t *testing.T) {
 		held = append(held, h)
 	}
 	full := startReplica(t, "full", dbURL, dir)
-	eventually(t, "the second replica says it waits for a database", time.Minute, func() bool {
+	testkit.Eventually(t, "the second replica says it waits for a database", time.Minute, func() bool {
 		return strings.Contains(full.log.String(), "53300")
 	})
 	if full.ready() {
@@ -182,7 +184,7 @@ func TestServeWaitsForAPrimary(t *testing.T) {
 		h.Close(context.Background())
 	}
 	held = nil
-	eventually(t, "the second replica ready once slots are free", time.Minute, full.ready)
+	testkit.Eventually(t, "the second replica ready once slots are free", time.Minute, full.ready)
 	for _, rep := range []*replica{r, full} {
 		if code, _ := rep.get("/healthz"); code != 200 {
 			t.Errorf("replica %s: /healthz = %d at the end, want 200", rep.name, code)

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/multilanes/lanes/internal/pgcluster"
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 )
 
 // TestFaultRestoreMovesVersionsBackwards restores the database from a backup taken before the
@@ -19,7 +21,7 @@ func TestFaultRestoreMovesVersionsBackwards(t *testing.T) {
 	t.Parallel()
 	c := startCluster(t, pgcluster.Options{})
 	dbURL := c.ConnString("postgres")
-	dir := writeTree(t, map[string]string{
+	dir := testkit.WriteTree(t, map[string]string{
 		"fast/001_items.sql": "create table items (id int primary key);",
 		// Applied again after the restore, it lasts 10 s (the marker exists only in the backup),
 		// longer than the listeners' reconnect backoff (at most 5 s): both replicas read the
@@ -31,7 +33,7 @@ func TestFaultRestoreMovesVersionsBackwards(t *testing.T) {
 	if res := runLanes(t, env, "migrate", "--lane", "fast"); res.code != 0 {
 		t.Fatalf("migrate --lane fast: %v", res)
 	}
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	if _, err := conn.Exec(t.Context(), "create table restore_marker ()"); err != nil {
 		t.Fatal(err)
 	}
@@ -41,14 +43,14 @@ func TestFaultRestoreMovesVersionsBackwards(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn = connect(t, dbURL) // the backup restarted the server
+	conn = pgtest.Connect(t, dbURL) // the backup restarted the server
 	if _, err := conn.Exec(t.Context(), "drop table restore_marker"); err != nil {
 		t.Fatal(err)
 	}
 
 	rs := []*replica{startReplica(t, "g1", dbURL, dir), startReplica(t, "g2", dbURL, dir)}
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" knows the slow lane done", 60*time.Second, func() bool {
+		testkit.Eventually(t, "replica "+r.name+" knows the slow lane done", 60*time.Second, func() bool {
 			k, ok := r.knows("slow")
 			return ok && k.Done && k.Version == 2
 		})
@@ -59,7 +61,7 @@ func TestFaultRestoreMovesVersionsBackwards(t *testing.T) {
 	}
 	restored := time.Now()
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" reports the regression", 60*time.Second, func() bool {
+		testkit.Eventually(t, "replica "+r.name+" reports the regression", 60*time.Second, func() bool {
 			k, ok := r.knows("slow")
 			return ok && k.Regressed != nil
 		})
@@ -73,25 +75,25 @@ func TestFaultRestoreMovesVersionsBackwards(t *testing.T) {
 	}
 	figure(t, "regression_noticed_after_restore", time.Since(restored), 0)
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" knows the slow lane done again", 90*time.Second, func() bool {
+		testkit.Eventually(t, "replica "+r.name+" knows the slow lane done again", 90*time.Second, func() bool {
 			k, ok := r.knows("slow")
 			return ok && k.Done && k.Version == 2
 		})
 	}
 	figure(t, "reapplied_after_restore", time.Since(restored), 0)
 
-	conn = connect(t, dbURL)
-	if v := scalar[int](t, conn, "select max(version) from lanes_slow_version"); v != 2 {
+	conn = pgtest.Connect(t, dbURL)
+	if v := pgtest.Scalar[int](t, conn, "select max(version) from lanes_slow_version"); v != 2 {
 		t.Errorf("slow lane version %d after re-application, want 2", v)
 	}
-	if n := scalar[int](t, conn, "select count(*) from items"); n != 100 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from items"); n != 100 {
 		t.Errorf("%d rows in items, want 100 (the slow lane's seed once)", n)
 	}
-	if n := scalar[int](t, conn, "select count(*) from pg_indexes where indexname = 'items_id_desc'"); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_indexes where indexname = 'items_id_desc'"); n != 1 {
 		t.Errorf("index items_id_desc: %d, want 1", n)
 	}
 	for v := 1; v <= 2; v++ { // the history was restored too: these are the runs after the restore
-		if n := scalar[int](t, conn, "select count(*) from lanes_history where lane = 'slow' and version = $1 and error is null", v); n != 1 {
+		if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where lane = 'slow' and version = $1 and error is null", v); n != 1 {
 			t.Errorf("slow lane version %d committed %d times after the restore, want once", v, n)
 		}
 	}

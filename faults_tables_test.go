@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -50,7 +51,7 @@ func tempRole(t *testing.T) string {
 	var b [6]byte
 	_, _ = rand.Read(b[:])
 	role := "lanes_r_" + hex.EncodeToString(b[:])
-	admin := connect(t, pgtest.AdminURL(t))
+	admin := pgtest.Connect(t, pgtest.AdminURL(t))
 	if _, err := admin.Exec(t.Context(), "create role "+role+" login superuser"); err != nil {
 		t.Fatal(err)
 	}
@@ -92,19 +93,19 @@ func TestFaultVersionTableIsOneTableWhoeverLooks(t *testing.T) {
 			serverSlots.reserve(t, 1)
 			role := tempRole(t)
 			dbURL := pgtest.NewDB(t)
-			conn := connect(t, dbURL)
+			conn := pgtest.Connect(t, dbURL)
 			if _, err := conn.Exec(t.Context(), "create table public.runs (file text)"); err != nil {
 				t.Fatal(err)
 			}
-			dir := writeTree(t, map[string]string{"fast/001_one.sql": "insert into public.runs values ('001');"})
+			dir := testkit.WriteTree(t, map[string]string{"fast/001_one.sql": "insert into public.runs values ('001');"})
 			if res := runLanes(t, []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir}, "migrate"); res.code != 0 {
 				t.Fatalf("first migrate: %v", res)
 			}
 			writeFile(t, dir, "fast/002_two.sql", "insert into public.runs values ('002');")
 			other := tc.other(t, conn, dbURL, role)
 			// The other session's first schema really is another one.
-			oc := connect(t, other)
-			if s := scalar[string](t, oc, "select current_schema()"); s == "public" {
+			oc := pgtest.Connect(t, other)
+			if s := pgtest.Scalar[string](t, oc, "select current_schema()"); s == "public" {
 				t.Fatalf("current_schema() = %s for the second replica: the test does not test anything", s)
 			}
 			env := []string{"DATABASE_URL=" + other, "LANES_MIGRATIONS=" + dir}
@@ -112,14 +113,14 @@ func TestFaultVersionTableIsOneTableWhoeverLooks(t *testing.T) {
 				t.Fatalf("second migrate: %v", res)
 			}
 			for _, f := range []string{"001", "002"} {
-				if n := scalar[int](t, conn, "select count(*) from public.runs where file = $1", f); n != 1 {
+				if n := pgtest.Scalar[int](t, conn, "select count(*) from public.runs where file = $1", f); n != 1 {
 					t.Errorf("migration %s ran %d times, want exactly once", f, n)
 				}
 			}
-			if n := scalar[int](t, conn, "select count(*) from pg_class where relname = 'lanes_fast_version'"); n != 1 {
+			if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_class where relname = 'lanes_fast_version'"); n != 1 {
 				t.Errorf("%d tables named lanes_fast_version, want 1", n)
 			}
-			if v := scalar[int](t, conn, "select version from public.lanes_fast_version"); v != 2 {
+			if v := pgtest.Scalar[int](t, conn, "select version from public.lanes_fast_version"); v != 2 {
 				t.Errorf("public.lanes_fast_version at %d, want 2", v)
 			}
 			res := runLanes(t, env, "status", "--json")
@@ -137,10 +138,10 @@ func TestFaultVersionTableIsOneTableWhoeverLooks(t *testing.T) {
 			if res.code != 1 || !strings.Contains(res.stderr, "lanes_fast_version") || !strings.Contains(res.stderr, "lanes_history") {
 				t.Errorf("migrate without its version table: want exit 1 naming lanes_fast_version and lanes_history: %v", res)
 			}
-			if n := scalar[int](t, conn, "select count(*) from public.runs where file = '001'"); n != 1 {
+			if n := pgtest.Scalar[int](t, conn, "select count(*) from public.runs where file = '001'"); n != 1 {
 				t.Errorf("migration 001 ran %d times after the version table was dropped", n)
 			}
-			if n := scalar[int](t, conn, "select count(*) from pg_class where relname = 'lanes_fast_version'"); n != 0 {
+			if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_class where relname = 'lanes_fast_version'"); n != 0 {
 				t.Errorf("a version table was created although migrate refused")
 			}
 		})

@@ -37,6 +37,7 @@ import (
 	"github.com/multilanes/lanes/internal/faultproxy"
 	"github.com/multilanes/lanes/internal/pgcluster"
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -77,7 +78,7 @@ const releasedBound = slack
 // A 002 whose transaction was not rolled back would leave a row in runs, and its re-run would
 // fail on long_made.
 func runsLanes(t *testing.T) string {
-	return writeTree(t, map[string]string{
+	return testkit.WriteTree(t, map[string]string{
 		"fast/001_runs.sql": `create table runs (version int not null, app text not null default current_setting('application_name'));
 create table hurry (at timestamptz not null default now());`,
 		"slow/001_first.sql": "insert into runs (version) values (1);",
@@ -123,13 +124,13 @@ func runsByVersion(t *testing.T, conn *pgx.Conn) map[int][]string {
 // exactly one successful row, there are want rows in all, and no failed attempt was recorded.
 func checkHistoryExactlyOnce(t *testing.T, conn *pgx.Conn, want int) {
 	t.Helper()
-	if n := scalar[int](t, conn, "select count(*) from lanes_history where error is not null"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where error is not null"); n != 0 {
 		t.Errorf("history records %d failed attempts, want none", n)
 	}
-	if n := scalar[int](t, conn, "select count(*) from (select lane, version from lanes_history where error is null group by 1, 2 having count(*) <> 1) d"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from (select lane, version from lanes_history where error is null group by 1, 2 having count(*) <> 1) d"); n != 0 {
 		t.Errorf("history has %d lane versions applied more than once", n)
 	}
-	if n := scalar[int](t, conn, "select count(*) from lanes_history"); n != want {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history"); n != want {
 		t.Errorf("history has %d rows, want %d (each migration exactly once)", n, want)
 	}
 }
@@ -139,7 +140,7 @@ func checkHistoryExactlyOnce(t *testing.T, conn *pgx.Conn, want int) {
 func waitForHolder(t *testing.T, conn *pgx.Conn, key int64, query string) holder {
 	t.Helper()
 	var h holder
-	eventually(t, "a session holding the lane's lock running "+query, 90*time.Second, func() bool {
+	testkit.Eventually(t, "a session holding the lane's lock running "+query, 90*time.Second, func() bool {
 		var ok bool
 		h, ok = lockHolder(t, conn, key)
 		return ok && h.state == "active" && strings.Contains(strings.ToLower(h.query), query)
@@ -157,7 +158,7 @@ func TestFaultConcurrentStartupAppliesExactlyOnce(t *testing.T) {
 	dbURL := pgtest.NewDB(t)
 	// Each migration records itself in applied; a second run of any of them would also fail
 	// (primary key, existing table) and leave a failed attempt in the history.
-	dir := writeTree(t, map[string]string{
+	dir := testkit.WriteTree(t, map[string]string{
 		"fast/001_applied.sql": "create table applied (lane text not null, version int not null, app text not null default current_setting('application_name'));\ninsert into applied (lane, version) values ('fast', 1);",
 		"fast/002_example.sql": "create table example (id int primary key, name text not null);\ninsert into applied (lane, version) values ('fast', 2);",
 		"fast/003_seed.sql":    "insert into example select g, 'seed-' || g from generate_series(1, 100) g;\ninsert into applied (lane, version) values ('fast', 3);",
@@ -174,23 +175,23 @@ func TestFaultConcurrentStartupAppliesExactlyOnce(t *testing.T) {
 		rs = append(rs, startReplica(t, fmt.Sprintf("c%d", i+1), dbURL, dir))
 	}
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" ready", 90*time.Second, r.ready)
+		testkit.Eventually(t, "replica "+r.name+" ready", 90*time.Second, r.ready)
 	}
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" learns both lanes are done", 90*time.Second, func() bool {
+		testkit.Eventually(t, "replica "+r.name+" learns both lanes are done", 90*time.Second, func() bool {
 			v, ok := r.view()
 			return ok && len(v.Lanes) == 2 && v.Lanes[0].Done && v.Lanes[1].Done
 		})
 	}
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	checkHistoryExactlyOnce(t, conn, 6)
-	if n := scalar[int](t, conn, "select count(*) from (select lane, version from applied group by 1, 2 having count(*) = 1) d"); n != 6 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from (select lane, version from applied group by 1, 2 having count(*) = 1) d"); n != 6 {
 		t.Errorf("applied holds %d lane versions recorded exactly once, want 6", n)
 	}
-	if n := scalar[int](t, conn, "select count(*) from applied"); n != 6 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from applied"); n != 6 {
 		t.Errorf("applied has %d rows, want 6", n)
 	}
-	if f, s := scalar[int](t, conn, "select version from lanes_fast_version"), scalar[int](t, conn, "select version from lanes_slow_version"); f != 3 || s != 3 {
+	if f, s := pgtest.Scalar[int](t, conn, "select version from lanes_fast_version"), pgtest.Scalar[int](t, conn, "select version from lanes_slow_version"); f != 3 || s != 3 {
 		t.Errorf("versions fast=%d slow=%d, want 3 and 3", f, s)
 	}
 	via := map[string]int{}
@@ -198,7 +199,7 @@ func TestFaultConcurrentStartupAppliesExactlyOnce(t *testing.T) {
 		k, _ := r.knows("slow")
 		via[k.Via]++
 	}
-	appliers := scalar[int](t, conn, "select count(distinct app) from applied where lane = 'slow'")
+	appliers := pgtest.Scalar[int](t, conn, "select count(distinct app) from applied where lane = 'slow'")
 	t.Logf("%d replicas: slow lane applied by %d replica(s); how the replicas learned it was done: %v", replicas, appliers, via)
 }
 
@@ -223,26 +224,26 @@ func takeoverAfterSigkill(t *testing.T, through func(t *testing.T, dbURL string)
 	}
 	dir := runsLanes(t)
 	key := lockKey(t, dbURL, dir, "slow")
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	rs := map[string]*replica{}
 	for _, name := range []string{"k1", "k2", "k3"} {
 		rs["lanes-"+name] = startReplica(t, name, replicaURL, dir)
 	}
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)
+		testkit.Eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)
 	}
 	h := waitForHolder(t, conn, key, "pg_sleep")
 	victim := rs[h.app]
 	if victim == nil {
 		t.Fatalf("the slow lane's lock is held by %q, not by a replica", h.app)
 	}
-	if v := scalar[int](t, conn, "select version from lanes_slow_version"); v != 1 {
+	if v := pgtest.Scalar[int](t, conn, "select version from lanes_slow_version"); v != 1 {
 		t.Fatalf("durable version %d when the long migration runs, want 1", v)
 	}
 	// Without a dead-client check (PostgreSQL 13) the killed session lives on until its
 	// pg_sleep(60) ends: the lock is freed then, and taken over at the survivors' next check.
 	deadCheck := hasDeadClientCheck(t, conn)
-	stmtLeft := time.Duration(scalar[float64](t, conn, "select extract(epoch from query_start + interval '60 s' - clock_timestamp())::float8 from pg_stat_activity where pid = $1", h.pid) * float64(time.Second))
+	stmtLeft := time.Duration(pgtest.Scalar[float64](t, conn, "select extract(epoch from query_start + interval '60 s' - clock_timestamp())::float8 from pg_stat_activity where pid = $1", h.pid) * float64(time.Second))
 	victim.kill(t)
 	killed := time.Now()
 	hurryUp(t, conn)
@@ -253,7 +254,7 @@ func takeoverAfterSigkill(t *testing.T, through func(t *testing.T, dbURL string)
 	}
 	var freed, took time.Duration
 	var taker holder
-	eventually(t, "another replica takes the slow lane over", freeBound+takeoverBound+slack, func() bool {
+	testkit.Eventually(t, "another replica takes the slow lane over", freeBound+takeoverBound+slack, func() bool {
 		cur, ok := lockHolder(t, conn, key)
 		if freed == 0 && (!ok || cur.pid != h.pid) {
 			freed = time.Since(killed)
@@ -291,7 +292,7 @@ func takeoverAfterSigkill(t *testing.T, through func(t *testing.T, dbURL string)
 		}
 	}
 	for _, r := range survivors {
-		eventually(t, "replica "+r.name+" learns the slow lane is done", 60*time.Second, func() bool {
+		testkit.Eventually(t, "replica "+r.name+" learns the slow lane is done", 60*time.Second, func() bool {
 			k, ok := r.knows("slow")
 			return ok && k.Done
 		})
@@ -300,11 +301,11 @@ func takeoverAfterSigkill(t *testing.T, through func(t *testing.T, dbURL string)
 	if !slices.Equal(runs[1], []string{h.app}) || !slices.Equal(runs[2], []string{taker.app}) || !slices.Equal(runs[3], []string{taker.app}) || len(runs) != 3 {
 		t.Errorf("runs = %v; want version 1 once by %s (durable before the kill, not re-run), 2 and 3 once by %s", runs, h.app, taker.app)
 	}
-	if scalar[*string](t, conn, "select to_regclass('long_made')::text") == nil {
+	if pgtest.Scalar[*string](t, conn, "select to_regclass('long_made')::text") == nil {
 		t.Error("long_made does not exist")
 	}
 	checkHistoryExactlyOnce(t, conn, 4)
-	if app := scalar[string](t, conn, "select application_name from lanes_history where lane = 'slow' and version = 2"); app != taker.app {
+	if app := pgtest.Scalar[string](t, conn, "select application_name from lanes_history where lane = 'slow' and version = 2"); app != taker.app {
 		t.Errorf("slow version 2 recorded as applied by %s, want %s", app, taker.app)
 	}
 	var via []string
@@ -329,7 +330,7 @@ func TestFaultInterruptedConcurrentIndexIsRebuilt(t *testing.T) {
 	t.Parallel()
 	serverSlots.reserve(t, 2)
 	dbURL := pgtest.NewDB(t)
-	dir := writeTree(t, map[string]string{
+	dir := testkit.WriteTree(t, map[string]string{
 		// slow_key sleeps 2 ms a row: building an index on it over 2,000 rows takes about 4 s.
 		"fast/001_big.sql": `create table big (i int not null);
 insert into big select generate_series(1, 2000);
@@ -344,13 +345,13 @@ drop index concurrently if exists big_idx;
 create index concurrently big_idx on big (slow_key(i));`,
 	})
 	key := lockKey(t, dbURL, dir, "slow")
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	rs := map[string]*replica{}
 	for _, name := range []string{"i1", "i2"} {
 		rs["lanes-"+name] = startReplica(t, name, dbURL, dir)
 	}
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)
+		testkit.Eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)
 	}
 	h := waitForHolder(t, conn, key, "create index concurrently")
 	victim, survivor := rs[h.app], rs["lanes-i1"]
@@ -362,10 +363,10 @@ create index concurrently big_idx on big (slow_key(i));`,
 	}
 	// The concurrent build enters big_idx in the catalog, invalid, before it scans the table.
 	var killedIdx uint32
-	eventually(t, "big_idx in the catalog", 20*time.Second, func() bool {
+	testkit.Eventually(t, "big_idx in the catalog", 20*time.Second, func() bool {
 		return conn.QueryRow(t.Context(), "select oid from pg_class where relname = 'big_idx'").Scan(&killedIdx) == nil
 	})
-	if scalar[bool](t, conn, "select indisvalid from pg_index where indexrelid = $1", killedIdx) {
+	if pgtest.Scalar[bool](t, conn, "select indisvalid from pg_index where indexrelid = $1", killedIdx) {
 		t.Fatal("big_idx is valid already: the build is too fast for this test")
 	}
 	time.Sleep(500 * time.Millisecond) // well inside the ~4 s build
@@ -381,8 +382,8 @@ create index concurrently big_idx on big (slow_key(i));`,
 	if !deadCheck {
 		endBound = time.Minute
 	}
-	eventually(t, "the killed replica's sessions end", endBound, func() bool {
-		return scalar[int](t, conn, "select count(*) from pg_stat_activity where application_name = $1", h.app) == 0
+	testkit.Eventually(t, "the killed replica's sessions end", endBound, func() bool {
+		return pgtest.Scalar[int](t, conn, "select count(*) from pg_stat_activity where application_name = $1", h.app) == 0
 	})
 	ended := time.Since(killed)
 	var leftValid *bool
@@ -394,10 +395,10 @@ create index concurrently big_idx on big (slow_key(i));`,
 	}
 
 	var took time.Duration
-	eventually(t, "the survivor takes the slow lane over", 60*time.Second, func() bool {
+	testkit.Eventually(t, "the survivor takes the slow lane over", 60*time.Second, func() bool {
 		cur, ok := lockHolder(t, conn, key)
 		took = time.Since(killed)
-		if !ok && scalar[int](t, conn, "select version from lanes_slow_version") != 0 {
+		if !ok && pgtest.Scalar[int](t, conn, "select version from lanes_slow_version") != 0 {
 			// The survivor's build takes seconds under the lock: this version is the killed one's.
 			t.Fatal("the lane is recorded as done although its index build was killed")
 		}
@@ -410,11 +411,11 @@ create index concurrently big_idx on big (slow_key(i));`,
 	if !deadCheck && took-ended > checkInterval+slack {
 		t.Errorf("takeover %s after the killed session ended, want within %s", took-ended, checkInterval+slack)
 	}
-	eventually(t, "the survivor learns the slow lane is done", 60*time.Second, func() bool {
+	testkit.Eventually(t, "the survivor learns the slow lane is done", 60*time.Second, func() bool {
 		k, ok := survivor.knows("slow")
 		return ok && k.Done
 	})
-	if n := scalar[int](t, conn, "select count(*) from pg_class where relname = 'big_idx'"); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_class where relname = 'big_idx'"); n != 1 {
 		t.Errorf("%d indexes named big_idx, want 1", n)
 	}
 	var oid uint32
@@ -425,11 +426,11 @@ create index concurrently big_idx on big (slow_key(i));`,
 	if !valid || !ready || oid == killedIdx {
 		t.Errorf("big_idx: oid %d (killed build's %d) valid=%v ready=%v; want a new, valid index", oid, killedIdx, valid, ready)
 	}
-	if n := scalar[int](t, conn, "select count(*) from pg_class where oid = $1", killedIdx); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_class where oid = $1", killedIdx); n != 0 {
 		t.Error("the killed build's index is still there")
 	}
 	checkHistoryExactlyOnce(t, conn, 2)
-	if app := scalar[string](t, conn, "select application_name from lanes_history where lane = 'slow'"); app != survivor.appName() {
+	if app := pgtest.Scalar[string](t, conn, "select application_name from lanes_history where lane = 'slow'"); app != survivor.appName() {
 		t.Errorf("the index recorded as built by %s, want %s", app, survivor.appName())
 	}
 }
@@ -439,11 +440,11 @@ create index concurrently big_idx on big (slow_key(i));`,
 // releasing it (pg_advisory_unlock(4242) on the connection).
 func gatedLanes(t *testing.T, dbURL string) (string, *pgx.Conn) {
 	t.Helper()
-	dir := writeTree(t, map[string]string{
+	dir := testkit.WriteTree(t, map[string]string{
 		"fast/001_t.sql":     "create table t (i int);",
 		"slow/001_gated.sql": "select pg_advisory_xact_lock(4242);\ninsert into t values (1);",
 	})
-	gate := connect(t, dbURL)
+	gate := pgtest.Connect(t, dbURL)
 	if _, err := gate.Exec(t.Context(), "select pg_advisory_lock(4242)"); err != nil {
 		t.Fatal(err)
 	}
@@ -455,7 +456,7 @@ func gatedLanes(t *testing.T, dbURL string) (string, *pgx.Conn) {
 func gatedApplier(t *testing.T, name, dbURL, dir string, gate *pgx.Conn) *replica {
 	t.Helper()
 	r := startReplica(t, name, dbURL, dir)
-	eventually(t, "replica "+name+" ready", 60*time.Second, r.ready)
+	testkit.Eventually(t, "replica "+name+" ready", 60*time.Second, r.ready)
 	if h := waitForHolder(t, gate, lockKey(t, dbURL, dir, "slow"), "pg_advisory_xact_lock"); h.app != r.appName() {
 		t.Fatalf("the slow lane is held by %s, want %s", h.app, r.appName())
 	}
@@ -468,8 +469,8 @@ func openGate(t *testing.T, gate *pgx.Conn) {
 	if _, err := gate.Exec(t.Context(), "select pg_advisory_unlock(4242)"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the slow lane committed", 30*time.Second, func() bool {
-		return scalar[int](t, gate, "select version from lanes_slow_version") == 1
+	testkit.Eventually(t, "the slow lane committed", 30*time.Second, func() bool {
+		return pgtest.Scalar[int](t, gate, "select version from lanes_slow_version") == 1
 	})
 }
 
@@ -486,17 +487,17 @@ func TestFaultNoLostSignalAfterTerminate(t *testing.T) {
 	dir, gate := gatedLanes(t, dbURL)
 	gatedApplier(t, "a1", dbURL, dir, gate)
 	cut := startReplica(t, "n1", dbURL, dir)
-	eventually(t, "replica n1 waiting for the slow lane", 60*time.Second, func() bool {
+	testkit.Eventually(t, "replica n1 waiting for the slow lane", 60*time.Second, func() bool {
 		k, ok := cut.knows("slow")
 		return ok && k.Role == "waiting"
 	})
 	w := startLanes(t, []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir, "PGAPPNAME=lanes-w1"}, "wait", "--lane", "slow", "--timeout", "120s")
-	eventually(t, "lanes wait listening", 60*time.Second, func() bool {
+	testkit.Eventually(t, "lanes wait listening", 60*time.Second, func() bool {
 		return strings.Contains(w.stderr.String(), "waiting for the lane through LISTEN/NOTIFY")
 	})
 
-	admin := connect(t, pgtest.AdminURL(t))
-	db := pgx.Identifier{scalar[string](t, gate, "select current_database()")}.Sanitize()
+	admin := pgtest.Connect(t, pgtest.AdminURL(t))
+	db := pgx.Identifier{pgtest.Scalar[string](t, gate, "select current_database()")}.Sanitize()
 	if _, err := admin.Exec(t.Context(), "alter database "+db+" allow_connections false"); err != nil {
 		t.Fatal(err)
 	}
@@ -506,13 +507,13 @@ func TestFaultNoLostSignalAfterTerminate(t *testing.T) {
 	if !hasDeadClientCheck(t, gate) {
 		terminate = "pg_terminate_backend(pid)" // PostgreSQL 13 has no timeout argument
 	}
-	if n := scalar[int](t, gate, "select count(*) from pg_stat_activity where "+theirs+" and "+terminate); n < 2 {
+	if n := pgtest.Scalar[int](t, gate, "select count(*) from pg_stat_activity where "+theirs+" and "+terminate); n < 2 {
 		t.Fatalf("terminated %d sessions of n1 and w1, want at least their two LISTEN connections", n)
 	}
-	eventually(t, "n1 and w1 have no session", 30*time.Second, func() bool {
+	testkit.Eventually(t, "n1 and w1 have no session", 30*time.Second, func() bool {
 		// Terminate again any session that got in before the database was closed.
-		return scalar[int](t, gate, "select count(*) from pg_stat_activity where "+theirs+" and not "+terminate) == 0 &&
-			scalar[int](t, gate, "select count(*) from pg_stat_activity where "+theirs) == 0
+		return pgtest.Scalar[int](t, gate, "select count(*) from pg_stat_activity where "+theirs+" and not "+terminate) == 0 &&
+			pgtest.Scalar[int](t, gate, "select count(*) from pg_stat_activity where "+theirs) == 0
 	})
 	// The slow lane commits and notifies while neither n1 nor w1 listens.
 	openGate(t, gate)
@@ -534,7 +535,7 @@ func TestFaultNoLostSignalAfterTerminate(t *testing.T) {
 	}
 	var learned time.Duration
 	var k app.KnownLane
-	eventually(t, "n1 learns the slow lane is done", 60*time.Second, func() bool {
+	testkit.Eventually(t, "n1 learns the slow lane is done", 60*time.Second, func() bool {
 		var ok bool
 		k, ok = cut.knows("slow")
 		learned = time.Since(reopened)
@@ -581,7 +582,7 @@ func TestFaultNoLostSignalThroughHalfOpenConnection(t *testing.T) {
 	gatedApplier(t, "a2", dbURL, dir, gate)
 	const pingInterval, pingTimeout = time.Second, 5 * time.Second
 	cut := startReplica(t, "h1", proxied, dir, "LANES_PING_INTERVAL="+pingInterval.String())
-	eventually(t, "replica h1 waiting for the slow lane", 60*time.Second, func() bool {
+	testkit.Eventually(t, "replica h1 waiting for the slow lane", 60*time.Second, func() bool {
 		k, ok := cut.knows("slow")
 		return ok && k.Role == "waiting"
 	})
@@ -589,7 +590,7 @@ func TestFaultNoLostSignalThroughHalfOpenConnection(t *testing.T) {
 	proxy.SetBlackhole(true)
 	partitioned := time.Now()
 	openGate(t, gate) // the notification to h1 is held in the partition
-	eventually(t, "h1 finds its LISTEN connection dead", 60*time.Second, func() bool {
+	testkit.Eventually(t, "h1 finds its LISTEN connection dead", 60*time.Second, func() bool {
 		return strings.Contains(cut.log.String(), "notification connection lost")
 	})
 	detected := time.Since(partitioned)
@@ -600,7 +601,7 @@ func TestFaultNoLostSignalThroughHalfOpenConnection(t *testing.T) {
 	proxy.SetBlackhole(false)
 	healed := time.Now()
 	var k app.KnownLane
-	eventually(t, "h1 learns the slow lane is done", 60*time.Second, func() bool {
+	testkit.Eventually(t, "h1 learns the slow lane is done", 60*time.Second, func() bool {
 		var ok bool
 		k, ok = cut.knows("slow")
 		return ok && k.Done
@@ -636,10 +637,10 @@ func TestFaultNoLostSignalAcrossServerRestart(t *testing.T) {
 	key := lockKey(t, dbURL, dir, "slow")
 	rs := []*replica{startReplica(t, "s1", dbURL, dir), startReplica(t, "s2", dbURL, dir)}
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)
+		testkit.Eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)
 	}
 	w := startLanes(t, []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir, "PGAPPNAME=lanes-sw"}, "wait", "--lane", "slow", "--timeout", "120s")
-	eventually(t, "lanes wait listening", 60*time.Second, func() bool {
+	testkit.Eventually(t, "lanes wait listening", 60*time.Second, func() bool {
 		return strings.Contains(w.stderr.String(), "waiting for the lane through LISTEN/NOTIFY")
 	})
 	func() {
@@ -658,7 +659,7 @@ func TestFaultNoLostSignalAcrossServerRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	up := time.Now()
-	eventually(t, "every replica listening again", 60*time.Second, func() bool {
+	testkit.Eventually(t, "every replica listening again", 60*time.Second, func() bool {
 		for _, r := range rs {
 			if v, ok := r.view(); !ok || v.Listener != "listening" {
 				return false
@@ -672,7 +673,7 @@ func TestFaultNoLostSignalAcrossServerRestart(t *testing.T) {
 		t.Errorf("replicas listening again %s after the restart, want within %s", relisten, reconnectMax+slack)
 	}
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" learns the slow lane is done", 90*time.Second, func() bool {
+		testkit.Eventually(t, "replica "+r.name+" learns the slow lane is done", 90*time.Second, func() bool {
 			k, ok := r.knows("slow")
 			return ok && k.Done
 		})
@@ -681,8 +682,8 @@ func TestFaultNoLostSignalAcrossServerRestart(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("lanes wait exited %d:\n%s", code, w.stderr.String())
 	}
-	conn := connect(t, dbURL)
-	finished := scalar[time.Time](t, conn, "select finished_at from lanes_history where lane = 'slow' and version = 3 and error is null")
+	conn := pgtest.Connect(t, dbURL)
+	finished := pgtest.Scalar[time.Time](t, conn, "select finished_at from lanes_history where lane = 'slow' and version = 3 and error is null")
 	latest := waited.Sub(finished)
 	learned := []string{fmt.Sprintf("wait:%s", latest.Round(time.Millisecond))}
 	for _, r := range rs {
@@ -703,7 +704,7 @@ func TestFaultNoLostSignalAcrossServerRestart(t *testing.T) {
 	if len(runs) != 3 || len(runs[1]) != 1 || len(runs[2]) != 1 || len(runs[3]) != 1 {
 		t.Errorf("runs = %v, want each version once", runs)
 	}
-	if n := scalar[int](t, conn, "select count(*) from (select lane, version from lanes_history where error is null group by 1, 2 having count(*) <> 1) d"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from (select lane, version from lanes_history where error is null group by 1, 2 having count(*) <> 1) d"); n != 0 {
 		t.Errorf("history has %d lane versions applied more than once", n)
 	}
 	rows, err := conn.Query(t.Context(), "select coalesce(sqlstate, ''), error from lanes_history where error is not null")
@@ -749,7 +750,7 @@ func TestFaultWaitOnHotStandbyFallsBackToPolling(t *testing.T) {
 			t.Error(err)
 		}
 	})
-	dir := writeTree(t, map[string]string{
+	dir := testkit.WriteTree(t, map[string]string{
 		"fast/001_t.sql":     "create table t (i int);",
 		"slow/001_sleep.sql": "select pg_sleep(1);",
 		"slow/002_after.sql": "create table after_sleep (i int);",
@@ -758,11 +759,11 @@ func TestFaultWaitOnHotStandbyFallsBackToPolling(t *testing.T) {
 	w := startLanes(t, []string{"DATABASE_URL=" + standby.ConnString("postgres"), "LANES_MIGRATIONS=" + dir, "PGAPPNAME=lanes-standby-wait",
 		"LANES_POLL_INTERVAL=" + poll.String(), "LANES_RELISTEN_INTERVAL=" + relisten.String()},
 		"wait", "--lane", "slow", "--timeout", "120s")
-	eventually(t, "lanes wait says it polls", 30*time.Second, func() bool { return strings.Contains(w.stderr.String(), "polling instead") })
+	testkit.Eventually(t, "lanes wait says it polls", 30*time.Second, func() bool { return strings.Contains(w.stderr.String(), "polling instead") })
 
 	// Each attempt to LISTEN again is a new session on the standby: collect their pids while
 	// several relisten intervals pass.
-	sconn := connect(t, standby.ConnString("postgres"))
+	sconn := pgtest.Connect(t, standby.ConnString("postgres"))
 	sessions := map[int]bool{}
 	for end := time.Now().Add(3*relisten + relisten/2); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
 		rows, err := sconn.Query(t.Context(), "select pid from pg_stat_activity where application_name = 'lanes-standby-wait'")
@@ -831,14 +832,14 @@ func TestFaultRollbackDeploy(t *testing.T) {
 		"slow/003_s.sql": "insert into runs (lane, version) values ('slow', 3);",
 	})
 	newest := union(newer, map[string]string{"slow/004_s.sql": "insert into runs (lane, version) values ('slow', 4);"})
-	olderDir, newerDir, newestDir := writeTree(t, older), writeTree(t, newer), writeTree(t, newest)
+	olderDir, newerDir, newestDir := testkit.WriteTree(t, older), testkit.WriteTree(t, newer), testkit.WriteTree(t, newest)
 
 	if res := runLanes(t, []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + newerDir, "PGAPPNAME=lanes-newer"}, "migrate"); res.code != 0 {
 		t.Fatalf("migrate with the newer folder: %v", res)
 	}
 	old := startReplica(t, "old", dbURL, olderDir)
-	eventually(t, "the old replica ready", 30*time.Second, old.ready)
-	eventually(t, "the old replica knows both lanes are done", 30*time.Second, func() bool {
+	testkit.Eventually(t, "the old replica ready", 30*time.Second, old.ready)
+	testkit.Eventually(t, "the old replica knows both lanes are done", 30*time.Second, func() bool {
 		v, ok := old.view()
 		return ok && len(v.Lanes) == 2 && v.Lanes[0].Done && v.Lanes[1].Done
 	})
@@ -865,19 +866,19 @@ func TestFaultRollbackDeploy(t *testing.T) {
 	}
 
 	next := startReplica(t, "newest", dbURL, newestDir)
-	eventually(t, "the newest replica ready", 30*time.Second, next.ready)
-	eventually(t, "the newest replica applies slow version 4", 30*time.Second, func() bool {
+	testkit.Eventually(t, "the newest replica ready", 30*time.Second, next.ready)
+	testkit.Eventually(t, "the newest replica applies slow version 4", 30*time.Second, func() bool {
 		k, ok := next.knows("slow")
 		return ok && k.Done && k.Version == 4
 	})
-	eventually(t, "the old replica hears of version 4", 30*time.Second, func() bool {
+	testkit.Eventually(t, "the old replica hears of version 4", 30*time.Second, func() bool {
 		k, ok := old.knows("slow")
 		return ok && k.Version == 4
 	})
 	if !old.ready() {
 		t.Error("the old replica is no longer ready")
 	}
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	runs := map[string]int{}
 	rows, err := conn.Query(t.Context(), "select lane || ':' || version || ':' || app from runs")
 	if err != nil {
@@ -925,7 +926,7 @@ func TestFaultHistoryAndDriftAtTheCommandLine(t *testing.T) {
 		"fast/001_items.sql": "create table items (id int primary key);",
 		"slow/001_fill.sql":  "insert into items select generate_series(1, 10);",
 	}
-	dir := writeTree(t, files)
+	dir := testkit.WriteTree(t, files)
 	env := []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir, "PGAPPNAME=lanes-historian"}
 	p := startLanes(t, env, "migrate")
 	if code, _ := p.wait(t, time.Minute); code != 0 {
@@ -935,7 +936,7 @@ func TestFaultHistoryAndDriftAtTheCommandLine(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	type row struct {
 		Lane, Name, Checksum, Host, AppName string
 		Version, PID                        int32
@@ -999,11 +1000,11 @@ from lanes_history order by id`)
 	if res.code != 1 || !strings.Contains(res.stderr, "001_fill.sql") || !strings.Contains(res.stderr, "allow drift") {
 		t.Errorf("migrate with a changed applied file: want exit 1 naming 001_fill.sql: %v", res)
 	}
-	if v := scalar[int](t, conn, "select version from lanes_slow_version"); v != 1 {
+	if v := pgtest.Scalar[int](t, conn, "select version from lanes_slow_version"); v != 1 {
 		t.Errorf("migrate refused but the slow lane moved to version %d", v)
 	}
 	res = runLanes(t, env, "migrate", "--allow-drift")
-	if res.code != 0 || scalar[int](t, conn, "select version from lanes_slow_version") != 2 {
+	if res.code != 0 || pgtest.Scalar[int](t, conn, "select version from lanes_slow_version") != 2 {
 		t.Errorf("migrate --allow-drift: %v", res)
 	}
 }
@@ -1022,7 +1023,7 @@ func TestFaultMalformedFoldersApplyNothing(t *testing.T) {
 	t.Parallel()
 	serverSlots.reserve(t, 1)
 	dbURL := pgtest.NewDB(t)
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	fast := map[string]string{"fast/001_ok.sql": "create table fast_ok (i int);"}
 	for _, tc := range []struct {
 		name  string
@@ -1053,7 +1054,7 @@ func TestFaultMalformedFoldersApplyNothing(t *testing.T) {
 		{"not UTF-8", map[string]string{"slow/001_bin.sql": "create table bin (t text default '\xff\xfe');"}, nil,
 			[]string{`lane "slow"`, "001_bin.sql", "UTF-8"}},
 	} {
-		dir := writeTree(t, union(fast, tc.files))
+		dir := testkit.WriteTree(t, union(fast, tc.files))
 		env := append([]string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir, "LANES_LOG_FORMAT=console"}, tc.env...)
 		for _, args := range [][]string{{"migrate"}, {"serve", "--addr", "127.0.0.1:0"}} {
 			res := runLanes(t, env, args...)
@@ -1065,7 +1066,7 @@ func TestFaultMalformedFoldersApplyNothing(t *testing.T) {
 					t.Errorf("%s: lanes %s: the error does not say %q:\n%s", tc.name, args[0], w, res.stderr)
 				}
 			}
-			if n := scalar[int](t, conn, "select count(*) from pg_class where relnamespace = 'public'::regnamespace"); n != 0 {
+			if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_class where relnamespace = 'public'::regnamespace"); n != 0 {
 				t.Fatalf("%s: lanes %s applied something: %d relations in the database", tc.name, args[0], n)
 			}
 		}
@@ -1096,14 +1097,14 @@ func TestFaultBadCredentialsAndUnreachableServers(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := startCluster(t, pgcluster.Options{Params: map[string]string{"hba_file": hba, "password_encryption": "scram-sha-256"}})
-	admin := connect(t, c.ConnString("postgres"))
+	admin := pgtest.Connect(t, c.ConnString("postgres"))
 	const right, wrong = "Right-pa55word", "Wr0ng-s3cret-XYZ"
 	for _, sql := range []string{"create role app_user login password '" + right + "'", "create database appdb owner app_user"} {
 		if _, err := admin.Exec(t.Context(), sql); err != nil {
 			t.Fatal(err)
 		}
 	}
-	dir := writeTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
+	dir := testkit.WriteTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
 	url := func(password string) string {
 		return fmt.Sprintf("postgres://app_user:%s@127.0.0.1:%d/appdb?sslmode=disable", password, c.Port())
 	}
@@ -1236,13 +1237,13 @@ func TestFaultSigtermDuringSlowMigration(t *testing.T) {
 	dbURL := pgtest.NewDB(t)
 	dir := runsLanes(t)
 	key := lockKey(t, dbURL, dir, "slow")
-	conn := connect(t, dbURL)
+	conn := pgtest.Connect(t, dbURL)
 	rs := map[string]*replica{}
 	for _, name := range []string{"t1", "t2"} {
 		rs["lanes-"+name] = startReplica(t, name, dbURL, dir)
 	}
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)
+		testkit.Eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)
 	}
 	h := waitForHolder(t, conn, key, "pg_sleep")
 	victim, survivor := rs[h.app], rs["lanes-t1"]
@@ -1275,17 +1276,17 @@ func TestFaultSigtermDuringSlowMigration(t *testing.T) {
 	// Its row and long_made share one transaction: no row means it was rolled back, and the
 	// survivor's re-run of 002 (checked below), which would fail on an existing long_made,
 	// proves it again.
-	if n := scalar[int](t, conn, "select count(*) from runs where version = 2 and app = $1", h.app); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from runs where version = 2 and app = $1", h.app); n != 0 {
 		t.Errorf("the stopped migration's row is in runs: its transaction was not rolled back")
 	}
 	if cur, ok := lockHolder(t, conn, key); ok && cur.app == h.app {
 		t.Error("the stopped replica still holds the lane's lock")
 	}
-	eventually(t, "the stopped replica's sessions end", 5*time.Second, func() bool {
-		return scalar[int](t, conn, "select count(*) from pg_stat_activity where application_name = $1", h.app) == 0
+	testkit.Eventually(t, "the stopped replica's sessions end", 5*time.Second, func() bool {
+		return pgtest.Scalar[int](t, conn, "select count(*) from pg_stat_activity where application_name = $1", h.app) == 0
 	})
 	var took time.Duration
-	eventually(t, "the survivor takes the slow lane over", 60*time.Second, func() bool {
+	testkit.Eventually(t, "the survivor takes the slow lane over", 60*time.Second, func() bool {
 		cur, ok := lockHolder(t, conn, key)
 		took = time.Since(termed) - exited
 		return ok && cur.app == survivor.appName()
@@ -1302,7 +1303,7 @@ func TestFaultSigtermDuringSlowMigration(t *testing.T) {
 	if !strings.Contains(log, "stopped gracefully") || strings.Contains(log, "could not release the lane lock") {
 		t.Errorf("the stopped replica's log:\n%s", log)
 	}
-	eventually(t, "the survivor finishes the slow lane", 60*time.Second, func() bool {
+	testkit.Eventually(t, "the survivor finishes the slow lane", 60*time.Second, func() bool {
 		k, ok := survivor.knows("slow")
 		return ok && k.Done
 	})

@@ -26,6 +26,7 @@ import (
 	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgcluster"
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -150,7 +151,7 @@ func startReplica(t *testing.T, name, dbURL, migrations string, extraEnv ...stri
 			t.Logf("replica %s log:\n%s", r.name, r.log.String())
 		}
 	})
-	eventually(t, "replica "+name+" logs its address", 60*time.Second, func() bool {
+	testkit.Eventually(t, "replica "+name+" logs its address", 60*time.Second, func() bool {
 		if m := servingAddr.FindStringSubmatch(r.log.String()); m != nil {
 			r.addr = m[1]
 			return true
@@ -271,50 +272,6 @@ func (r *replica) kill(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatalf("replica %s still runs 20 s after SIGKILL", r.name)
 	}
-}
-
-func eventually(t *testing.T, what string, within time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s", what, within)
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-}
-
-func queryInt(t *testing.T, dbURL, sql string) int {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, dbURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	var n int
-	if err := conn.QueryRow(ctx, sql).Scan(&n); err != nil {
-		t.Fatalf("%s: %v", sql, err)
-	}
-	return n
-}
-
-// writeTree creates files (slash-separated paths relative to a new temporary folder) and returns
-// the folder.
-func writeTree(t *testing.T, files map[string]string) string {
-	t.Helper()
-	dir := t.TempDir()
-	for name, content := range files {
-		p := filepath.Join(dir, filepath.FromSlash(name))
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return dir
 }
 
 // cliRun is the outcome of one lanes command run to completion.
@@ -444,31 +401,6 @@ func startCluster(t *testing.T, opts pgcluster.Options) *pgcluster.Cluster {
 	return c
 }
 
-// connect opens a connection closed at the end of the test.
-func connect(t *testing.T, dbURL string) *pgx.Conn {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, dbURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close(context.Background()) })
-	return conn
-}
-
-// scalar runs a one-value query on conn; it fails the test on error.
-func scalar[T any](t *testing.T, conn *pgx.Conn, sql string, args ...any) T {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer cancel()
-	var v T
-	if err := conn.QueryRow(ctx, sql, args...).Scan(&v); err != nil {
-		t.Fatalf("%s: %v", sql, err)
-	}
-	return v
-}
-
 // lockKey returns the advisory lock key of a lane of the migrations folder in the database at
 // dbURL, as (*migrator.Migrator).LockKey computes it.
 func lockKey(t *testing.T, dbURL, dir, lane string) int64 {
@@ -485,7 +417,7 @@ func lockKey(t *testing.T, dbURL, dir, lane string) int64 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	key, err := m.LockKey(t.Context(), connect(t, dbURL), lane)
+	key, err := m.LockKey(t.Context(), pgtest.Connect(t, dbURL), lane)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -525,7 +457,7 @@ where l.locktype = 'advisory' and l.granted and l.objsubid = 1
 // (PostgreSQL 14 and later), which the lanes processes then set.
 func hasDeadClientCheck(t *testing.T, conn *pgx.Conn) bool {
 	t.Helper()
-	return scalar[int](t, conn, "select current_setting('server_version_num')::int") >= migrator.DeadClientCheckVersion
+	return pgtest.Scalar[int](t, conn, "select current_setting('server_version_num')::int") >= migrator.DeadClientCheckVersion
 }
 
 // figure logs a measured figure in the greppable form the README's reliability section quotes:

@@ -18,6 +18,7 @@ import (
 
 	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 )
 
 // pgbouncerBinary returns Debian's pgbouncer, or skips the test when it is missing (a failure
@@ -123,7 +124,7 @@ pool_mode = %s
 			t.Logf("pgbouncer (%s mode) log:\n%s", poolMode, log.String())
 		}
 	})
-	eventually(t, "pgbouncer listens on "+addr, 10*time.Second, func() bool {
+	testkit.Eventually(t, "pgbouncer listens on "+addr, 10*time.Second, func() bool {
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			c.Close()
@@ -159,7 +160,7 @@ func TestPgBouncerTransactionModeIsRefused(t *testing.T) {
 	serverSlots.reserve(t, 2)
 	dbURL := pgtest.NewDB(t)
 	poolURL := startPgBouncer(t, dbURL, "transaction")
-	dir := writeTree(t, map[string]string{
+	dir := testkit.WriteTree(t, map[string]string{
 		"fast/001_a.sql": "create table a (i int);",
 		"slow/001_b.sql": "insert into a values (1);",
 	})
@@ -170,8 +171,8 @@ func TestPgBouncerTransactionModeIsRefused(t *testing.T) {
 			t.Errorf("lanes %s through a transaction pooler: %v", args[0], res)
 		}
 	}
-	conn := connect(t, dbURL)
-	if n := scalar[int](t, conn, "select count(*) from pg_tables where schemaname = 'public'"); n != 0 {
+	conn := pgtest.Connect(t, dbURL)
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_tables where schemaname = 'public'"); n != 0 {
 		t.Errorf("%d tables created through the transaction pooler", n)
 	}
 	// Through a session-mode pooler on the same server, migrate works.

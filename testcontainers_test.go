@@ -22,6 +22,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -65,7 +66,7 @@ func TestReplicasShareTheLanes(t *testing.T) {
 		rs = append(rs, startReplica(t, fmt.Sprintf("r%d", i+1), dbURL, dir))
 	}
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" ready", 30*time.Second, r.ready)
+		testkit.Eventually(t, "replica "+r.name+" ready", 30*time.Second, r.ready)
 	}
 	for _, r := range rs {
 		if k := r.known(t, "slow"); k.Done {
@@ -74,7 +75,7 @@ func TestReplicasShareTheLanes(t *testing.T) {
 	}
 	// A replica started while the slow lane runs becomes ready while it still runs.
 	late := startReplica(t, "late", dbURL, dir)
-	eventually(t, "late replica ready", 30*time.Second, late.ready)
+	testkit.Eventually(t, "late replica ready", 30*time.Second, late.ready)
 	st := late.status(t)
 	if st.Lanes[1].Name != "slow" || st.Lanes[1].Done() {
 		t.Fatalf("late replica became ready only after the slow lane: %+v", st.Lanes)
@@ -83,7 +84,7 @@ func TestReplicasShareTheLanes(t *testing.T) {
 	release()
 
 	for _, r := range rs {
-		eventually(t, "replica "+r.name+" learns the slow lane is done", 60*time.Second, func() bool { return r.known(t, "slow").Done })
+		testkit.Eventually(t, "replica "+r.name+" learns the slow lane is done", 60*time.Second, func() bool { return r.known(t, "slow").Done })
 	}
 	via := map[string]int{}
 	for _, r := range rs {
@@ -96,10 +97,10 @@ func TestReplicasShareTheLanes(t *testing.T) {
 	if via["notification"] < len(rs)-1 || via["notification"]+via["applied"] != len(rs) {
 		t.Fatalf("how the replicas learned the slow lane was done: %v; want all but the applier by notification", via)
 	}
-	if n := queryInt(t, dbURL, "select count(*) from lanes_history where error is null"); n != 4 {
+	if n := pgtest.QueryURL[int](t, dbURL, "select count(*) from lanes_history where error is null"); n != 4 {
 		t.Fatalf("history has %d successful migrations, want 4 (each applied exactly once)", n)
 	}
-	if n := queryInt(t, dbURL, "select count(*) from example"); n != 1000 {
+	if n := pgtest.QueryURL[int](t, dbURL, "select count(*) from example"); n != 1000 {
 		t.Fatalf("example has %d rows, want 1000", n)
 	}
 	for _, r := range rs {
@@ -113,7 +114,7 @@ func TestStatusAndWaitAgainstLiveReplicas(t *testing.T) {
 	dbURL := pgtest.NewDB(t)
 	dir := migrationsDir(t, 2)
 	r := startReplica(t, "w1", dbURL, dir)
-	eventually(t, "replica ready", 30*time.Second, r.ready)
+	testkit.Eventually(t, "replica ready", 30*time.Second, r.ready)
 	wait := exec.Command(lanesBinary(t), "wait", "--lane", "slow", "--timeout", "60s")
 	wait.Env = append(os.Environ(), "DATABASE_URL="+dbURL, "LANES_MIGRATIONS="+dir, "LANES_LOG_FORMAT=json")
 	out, err := wait.CombinedOutput()

@@ -19,17 +19,16 @@ import (
 	"github.com/multilanes/lanes/internal/faultproxy"
 	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
 )
 
 func TestMain(m *testing.M) { pgtest.RunMain(m) }
 
-func file(s string) *fstest.MapFile { return &fstest.MapFile{Data: []byte(s)} }
-
 var fastLane = migrator.Lane{Name: "fast", FS: fstest.MapFS{
-	"001_create.sql": file("create table example (i int);"),
-	"002_seed.sql":   file("insert into example values (1);"),
+	"001_create.sql": testkit.File("create table example (i int);"),
+	"002_seed.sql":   testkit.File("insert into example values (1);"),
 }}
 
 // gate is a slow Go migration that waits until released, counting its runs.
@@ -55,7 +54,7 @@ func (g *gate) up(ctx context.Context, conn pgx.Tx) error {
 
 func slowLane(g *gate) migrator.Lane {
 	return migrator.Lane{Name: "slow", Mode: migrator.Background,
-		FS:    fstest.MapFS{"002_after.sql": file("insert into example values (3);")},
+		FS:    fstest.MapFS{"002_after.sql": testkit.File("insert into example values (3);")},
 		Funcs: []migrator.GoMigration{{Version: 1, Name: "load", Up: g.up}}}
 }
 
@@ -134,17 +133,6 @@ func waitDone(t *testing.T, r *app.Runtime, lane string) {
 	}
 }
 
-func eventually(t *testing.T, what string, within time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s", what, within)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func waitStarted(t *testing.T, g *gate) {
 	t.Helper()
 	select {
@@ -176,7 +164,7 @@ func TestReplicasLearnOfCompletionThroughListen(t *testing.T) {
 	// Let every replica make its first attempt at the slow lane so that the two that lose are
 	// waiting when the lane ends; a replica that first looked after the end would learn it from
 	// that read ("check") and prove nothing about the signal.
-	eventually(t, "two replicas waiting for the one applying", 10*time.Second, func() bool {
+	testkit.Eventually(t, "two replicas waiting for the one applying", 10*time.Second, func() bool {
 		roles := map[string]int{}
 		for _, r := range rs {
 			roles[r.View().Lanes[1].Role]++
@@ -207,7 +195,7 @@ func TestReplicasLearnOfCompletionThroughListen(t *testing.T) {
 	for i, r := range rs {
 		// The applier knows the lane is done from its own commit, before its listener has
 		// necessarily read the notification that commit sent: wait for it, bounded.
-		eventually(t, fmt.Sprintf("replica %d receives a notification", i), 10*time.Second, func() bool {
+		testkit.Eventually(t, fmt.Sprintf("replica %d receives a notification", i), 10*time.Second, func() bool {
 			return r.View().Notifications > 0
 		})
 		s := r.View()
@@ -313,8 +301,8 @@ func TestPermanentFailureIsReportedAndNotRetried(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	bad := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
-		"001_ok.sql":  file("create table ok (i int);"),
-		"002_bad.sql": file("select * from no_such_table;"),
+		"001_ok.sql":  testkit.File("create table ok (i int);"),
+		"002_bad.sql": testkit.File("select * from no_such_table;"),
 	}}
 	var rs []*app.Runtime
 	for range 3 {
@@ -348,7 +336,7 @@ func TestPermanentFailureIsReportedAndNotRetried(t *testing.T) {
 	}
 	// A deploy with the fixed file continues from version 1.
 	fixed := bad
-	fixed.FS = fstest.MapFS{"001_ok.sql": bad.FS.(fstest.MapFS)["001_ok.sql"], "002_bad.sql": file("select 1;")}
+	fixed.FS = fstest.MapFS{"001_ok.sql": bad.FS.(fstest.MapFS)["001_ok.sql"], "002_bad.sql": testkit.File("select 1;")}
 	r := e.replica(fastLane, fixed)
 	waitDone(t, r, "slow")
 	for _, old := range rs {
@@ -505,7 +493,7 @@ func TestTakeoverThroughTheListenersCheck(t *testing.T) {
 	a := start()
 	waitStarted(t, g)
 	b := start()
-	eventually(t, "b waits for a", 10*time.Second, func() bool { return b.View().Lanes[1].Role == "waiting" })
+	testkit.Eventually(t, "b waits for a", 10*time.Second, func() bool { return b.View().Lanes[1].Role == "waiting" })
 	e.exec(`select pg_terminate_backend(l.pid) from pg_locks l
 where l.locktype = 'advisory' and l.granted and l.pid <> pg_backend_pid() and l.database = (select oid from pg_database where datname = current_database())`)
 	close(g.release)
@@ -531,8 +519,8 @@ func TestPermanentFailureWhilePollingIsNotRetriedInALoop(t *testing.T) {
 	cc := e.cc.Copy()
 	cc.Host, cc.Port, cc.TLSConfig, cc.Fallbacks = "127.0.0.1", uint16(proxy.Addr().Port), nil, nil
 	bad := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
-		"001_ok.sql":  file("create table ok (i int);"),
-		"002_bad.sql": file("select * from no_such_table;"),
+		"001_ok.sql":  testkit.File("create table ok (i int);"),
+		"002_bad.sql": testkit.File("select * from no_such_table;"),
 	}}
 	m, err := migrator.New(cc, []migrator.Lane{fastLane, bad}, migrator.Config{})
 	if err != nil {
@@ -585,7 +573,7 @@ func TestCloseDuringStart(t *testing.T) {
 func TestEmptyLaneIsDone(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	empty := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{".gitkeep": file("")}}
+	empty := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{".gitkeep": testkit.File("")}}
 	r := e.runtime(fastLane, empty)
 	if err := r.Start(t.Context()); err != nil {
 		t.Fatal(err)
@@ -745,7 +733,7 @@ func TestLaneDoneIsLoggedAfterTheOKLines(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	var w slowOKWriter
-	slow := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_more.sql": file("insert into example values (2);")}}
+	slow := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_more.sql": testkit.File("insert into example values (2);")}}
 	m, err := migrator.New(e.cc, []migrator.Lane{fastLane, slow}, migrator.Config{Logger: zerolog.New(&w)})
 	if err != nil {
 		t.Fatal(err)
@@ -763,7 +751,7 @@ func TestLaneDoneIsLoggedAfterTheOKLines(t *testing.T) {
 	if err := r.Wait(ctx, "slow"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "both lanes logged done", 10*time.Second, func() bool { return strings.Count(w.buf.String(), `"lane done"`) == 2 })
+	testkit.Eventually(t, "both lanes logged done", 10*time.Second, func() bool { return strings.Count(w.buf.String(), `"lane done"`) == 2 })
 	logs := w.buf.String()
 	for lane, last := range map[string]string{"fast": "002_seed.sql", "slow": "001_more.sql"} {
 		ok := strings.Index(logs, `"OK   `+last)

@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/app"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
 )
@@ -76,7 +77,7 @@ func TestAFloodOfHintsCostsABoundedRate(t *testing.T) {
 		}
 		waiters = append(waiters, r)
 	}
-	eventually(t, "both replicas wait for the applier", 10*time.Second, func() bool {
+	testkit.Eventually(t, "both replicas wait for the applier", 10*time.Second, func() bool {
 		return waiters[0].View().Lanes[1].Role == "waiting" && waiters[1].View().Lanes[1].Role == "waiting"
 	})
 	type snapshot struct{ sessions, statements int64 }
@@ -98,7 +99,7 @@ func TestAFloodOfHintsCostsABoundedRate(t *testing.T) {
   else json_build_object('lane', 'slow', 'version', 1 + g, 'state', 'failed') end::text)
 from generate_series(1, $1) g`, floodSize)
 	for i, r := range waiters {
-		eventually(t, fmt.Sprintf("replica %d receives the flood", i), time.Minute, func() bool {
+		testkit.Eventually(t, fmt.Sprintf("replica %d receives the flood", i), time.Minute, func() bool {
 			return r.View().Notifications >= received[i]+floodSize
 		})
 	}

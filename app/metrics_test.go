@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/multilanes/lanes/app"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -126,7 +127,7 @@ func TestMetricsAfterATakeover(t *testing.T) {
 	})
 
 	b := e.replica(fastLane, slowLane(g))
-	eventually(t, "b waits for a's slow lane", 20*time.Second, func() bool {
+	testkit.Eventually(t, "b waits for a's slow lane", 20*time.Second, func() bool {
 		for _, k := range b.View().Lanes {
 			if k.Name == "slow" && k.Role == "waiting" {
 				return true
@@ -151,7 +152,7 @@ func TestMetricsAfterATakeover(t *testing.T) {
 	// b's background goroutine counts after its migrator call returns, which may be after the
 	// notification that closed Done: wait for the counters, then check everything at once.
 	h := b.Handler()
-	eventually(t, "b counts its takeover and migrations", 10*time.Second, func() bool {
+	testkit.Eventually(t, "b counts its takeover and migrations", 10*time.Second, func() bool {
 		m := scrape(t, h)
 		tk, _ := value(m, "lanes_takeovers_total", "lane", "slow")
 		ap, _ := value(m, "lanes_migrations_applied_total", "lane", "slow")
@@ -220,7 +221,7 @@ func TestMetricsOfABatchedMigration(t *testing.T) {
 		{Version: 1, Name: "visit", Backfill: &migrator.Backfill{Table: "items", Key: "id", Size: 10, Range: walk}}}}
 	r := e.replica(fastLane, slow)
 	<-first
-	eventually(t, "the replica learns the first batch's progress", 10*time.Second, func() bool {
+	testkit.Eventually(t, "the replica learns the first batch's progress", 10*time.Second, func() bool {
 		p := r.Progress("slow")
 		return p != nil && p.Done == 10
 	})
@@ -233,7 +234,7 @@ func TestMetricsOfABatchedMigration(t *testing.T) {
 	})
 	close(release)
 	waitDone(t, r, "slow")
-	eventually(t, "the migration counted", 10*time.Second, func() bool {
+	testkit.Eventually(t, "the migration counted", 10*time.Second, func() bool {
 		v, _ := value(userRegistry(t, r), "lanes_migrations_applied_total", "lane", "slow")
 		return v == 1
 	})

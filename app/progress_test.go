@@ -9,6 +9,8 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/app"
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -59,7 +61,7 @@ func TestProgressReachesReplicasAndPauseResume(t *testing.T) {
 		t.Fatalf("batch %d", c)
 	}
 	var applier, other *app.Runtime
-	eventually(t, "one replica applying, the other waiting", 10*time.Second, func() bool {
+	testkit.Eventually(t, "one replica applying, the other waiting", 10*time.Second, func() bool {
 		k1, k2 := known(r1, "slow"), known(r2, "slow")
 		switch {
 		case k1.Role == "applying" && k2.Role == "waiting":
@@ -76,7 +78,7 @@ func TestProgressReachesReplicasAndPauseResume(t *testing.T) {
 	if c := <-reached; c != 2 {
 		t.Fatalf("batch %d", c)
 	}
-	eventually(t, "the waiting replica learns the progress", 5*time.Second, func() bool {
+	testkit.Eventually(t, "the waiting replica learns the progress", 5*time.Second, func() bool {
 		p := other.Progress("slow")
 		return p != nil && p.Done == 10 && p.Total == 300 && p.File == "001_visit.go" && p.Percent != nil && *p.Percent == 3.3
 	})
@@ -94,16 +96,16 @@ func TestProgressReachesReplicasAndPauseResume(t *testing.T) {
 	}
 	close(gates[2])
 	for _, r := range []*app.Runtime{r1, r2} {
-		eventually(t, "the lane seen paused", 10*time.Second, func() bool { return known(r, "slow").Paused && r.Ready() })
+		testkit.Eventually(t, "the lane seen paused", 10*time.Second, func() bool { return known(r, "slow").Paused && r.Ready() })
 	}
-	eventually(t, "the applier stops", 10*time.Second, func() bool {
+	testkit.Eventually(t, "the applier stops", 10*time.Second, func() bool {
 		st, err := applier.Status(ctx)
 		return err == nil && st.Lanes[1].State == migrator.StatePaused && !st.Lanes[1].Locked
 	})
 	if c := calls.Load(); c != 2 {
 		t.Fatalf("%d batches ran while paused", c)
 	}
-	if n, done := queryInt(t, admin, "select count(*) from items where n = 1"), queryInt(t, admin, "select done from lanes_progress"); n <= 10 || n != done {
+	if n, done := pgtest.Scalar[int](t, admin, "select count(*) from items where n = 1"), pgtest.Scalar[int](t, admin, "select done from lanes_progress"); n <= 10 || n != done {
 		t.Fatalf("%d rows visited after two batches, progress says %d", n, done)
 	}
 	if err := m.Resume(ctx, admin, "slow"); err != nil {
@@ -117,7 +119,7 @@ func TestProgressReachesReplicasAndPauseResume(t *testing.T) {
 			t.Fatalf("progress after the lane is done: %+v", p)
 		}
 	}
-	if n := queryInt(t, admin, "select count(*) from items where n <> 1"); n != 0 {
+	if n := pgtest.Scalar[int](t, admin, "select count(*) from items where n <> 1"); n != 0 {
 		t.Fatalf("%d rows not visited exactly once", n)
 	}
 }
@@ -129,13 +131,4 @@ func known(r *app.Runtime, lane string) app.KnownLane {
 		}
 	}
 	return app.KnownLane{}
-}
-
-func queryInt(t *testing.T, conn *pgx.Conn, sql string) int {
-	t.Helper()
-	var n int
-	if err := conn.QueryRow(context.Background(), sql).Scan(&n); err != nil {
-		t.Fatalf("%s: %v", sql, err)
-	}
-	return n
 }

@@ -7,6 +7,7 @@ import (
 	"testing/fstest"
 	"time"
 
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -18,7 +19,7 @@ func TestLanesEndpointMasksLiterals(t *testing.T) {
 	e := newEnv(t)
 	const secret = "S3cret-Passw0rd"
 	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
-		"001_role.sql": file("alter role lanes_no_such_role_y password '" + secret + "';"),
+		"001_role.sql": testkit.File("alter role lanes_no_such_role_y password '" + secret + "';"),
 	}}
 	m, err := migrator.New(e.cc, []migrator.Lane{lane}, migrator.Config{})
 	if err != nil {
@@ -51,7 +52,7 @@ func TestLanesEndpointMasksLiterals(t *testing.T) {
 func TestLanesEndpointShowsDrift(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	applied := migrator.Lane{Name: "fast", FS: fstest.MapFS{"001_create.sql": file("create table example (id int);")}}
+	applied := migrator.Lane{Name: "fast", FS: fstest.MapFS{"001_create.sql": testkit.File("create table example (id int);")}}
 	m, err := migrator.New(e.cc, []migrator.Lane{applied}, migrator.Config{})
 	if err != nil {
 		t.Fatal(err)
@@ -61,7 +62,7 @@ func TestLanesEndpointShowsDrift(t *testing.T) {
 	if _, err := m.Migrate(ctx, "fast"); err != nil {
 		t.Fatal(err)
 	}
-	renamed := migrator.Lane{Name: "fast", FS: fstest.MapFS{"001_make_example.sql": file("create table example (id int);")}}
+	renamed := migrator.Lane{Name: "fast", FS: fstest.MapFS{"001_make_example.sql": testkit.File("create table example (id int);")}}
 	resp := lanesOf(t, e.runtime(renamed).Handler())
 	if len(resp.Lanes) != 1 || resp.Lanes[0].State != migrator.StateDrift || len(resp.Lanes[0].Drift) != 1 ||
 		!strings.Contains(resp.Lanes[0].Drift[0], "001_create.sql") {

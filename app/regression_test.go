@@ -13,6 +13,7 @@ import (
 
 	"github.com/multilanes/lanes/app"
 	"github.com/multilanes/lanes/internal/logbuf"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -36,7 +37,7 @@ func TestVersionMovedBackwardsIsNoticedAndAppliedAgain(t *testing.T) {
 	var runs atomic.Int32
 	release := make(chan struct{})
 	slow := migrator.Lane{Name: "slow", Mode: migrator.Background,
-		FS: fstest.MapFS{"002_row.sql": file("insert into s1 values (1);")},
+		FS: fstest.MapFS{"002_row.sql": testkit.File("insert into s1 values (1);")},
 		Funcs: []migrator.GoMigration{{Version: 1, Name: "table", Up: func(ctx context.Context, tx pgx.Tx) error {
 			if runs.Add(1) > 1 {
 				select {
@@ -80,7 +81,7 @@ commit`)
 	}
 	e.exec("select pg_terminate_backend(pid) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid()")
 	for i, r := range rs {
-		eventually(t, "the replica notices the regression", 20*time.Second, func() bool { return knownLane(r, "slow").Regressed != nil })
+		testkit.Eventually(t, "the replica notices the regression", 20*time.Second, func() bool { return knownLane(r, "slow").Regressed != nil })
 		if rg := knownLane(r, "slow").Regressed; rg.From != 2 || rg.To >= 2 {
 			t.Errorf("replica %d: regression %+v, want from 2 to a lower version", i, rg)
 		}

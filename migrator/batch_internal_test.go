@@ -9,12 +9,14 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/multilanes/lanes/internal/testkit"
 )
 
 func TestBatchDirective(t *testing.T) {
 	l, err := loadLane(Lane{Name: "slow", Mode: Background, FS: fstest.MapFS{
-		"001_fill.sql":  file("---- lanes: batch table=app.users key=id size=250 ----\nupdate app.users set n = n + 1 where id > $1 and id <= $2;\n---- create above / drop below ----\n"),
-		"002_plain.sql": file("select 1;"),
+		"001_fill.sql":  testkit.File("---- lanes: batch table=app.users key=id size=250 ----\nupdate app.users set n = n + 1 where id > $1 and id <= $2;\n---- create above / drop below ----\n"),
+		"002_plain.sql": testkit.File("select 1;"),
 	}})
 	if err != nil {
 		t.Fatal(err)
@@ -28,7 +30,7 @@ func TestBatchDirective(t *testing.T) {
 		t.Fatal("a plain file is not batched")
 	}
 	l, err = loadLane(Lane{Name: "slow", Mode: Background, FS: fstest.MapFS{
-		"001_fill.sql": file("---- lanes: batch table=t key=k ----\nupdate t set n = 1 where k > $1 and k <= $2"),
+		"001_fill.sql": testkit.File("---- lanes: batch table=t key=k ----\nupdate t set n = 1 where k > $1 and k <= $2"),
 	}})
 	if err != nil || l.migrations[0].batch.size != defaultBatchSize {
 		t.Fatalf("default size: %v", err)
@@ -50,7 +52,7 @@ func TestBatchDirectiveErrors(t *testing.T) {
 		{"disable-tx", "---- lanes: batch table=t key=k ----\n---- tern: disable-tx ----" + stmt, "disable-tx"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := loadLane(Lane{Name: "slow", Mode: Background, FS: fstest.MapFS{"001_fill.sql": file(tc.sql)}})
+			_, err := loadLane(Lane{Name: "slow", Mode: Background, FS: fstest.MapFS{"001_fill.sql": testkit.File(tc.sql)}})
 			var le *LoadError
 			if !errors.As(err, &le) || le.File != "001_fill.sql" || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err = %v, want a LoadError naming 001_fill.sql and %q", err, tc.want)

@@ -13,6 +13,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -42,7 +44,7 @@ func TestBatchedFileVisitsEveryRowOnce(t *testing.T) {
 	cc, conn := setup(t)
 	ctx := ctxT(t)
 	sparseItems(t, conn, 5000)
-	m := newMigrator(t, cc, migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_visit.sql": file(countVisits)}})
+	m := newMigrator(t, cc, migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_visit.sql": testkit.File(countVisits)}})
 	if _, err := conn.Exec(ctx, "listen lanes_done"); err != nil {
 		t.Fatal(err)
 	}
@@ -50,14 +52,14 @@ func TestBatchedFileVisitsEveryRowOnce(t *testing.T) {
 	if err != nil || res.To != 1 || res.Applied != 1 {
 		t.Fatalf("migrate = %+v, %v", res, err)
 	}
-	if n := queryInt(t, conn, "select count(*) from items where n <> 1"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from items where n <> 1"); n != 0 {
 		t.Fatalf("%d rows not visited exactly once", n)
 	}
 	// The walk is recorded: done = every key, in several batches, finished.
-	if n := queryInt(t, conn, "select count(*) from lanes_progress where lane = 'slow' and version = 1 and done = 5000 and total = 5000 and batches > 1 and finished_at is not null and cursor = '15000'"); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_progress where lane = 'slow' and version = 1 and done = 5000 and total = 5000 and batches > 1 and finished_at is not null and cursor = '15000'"); n != 1 {
 		t.Fatal("progress row does not record the finished walk")
 	}
-	if n := queryInt(t, conn, "select count(*) from lanes_history where lane = 'slow' and version = 1 and error is null"); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where lane = 'slow' and version = 1 and error is null"); n != 1 {
 		t.Fatal("no history row")
 	}
 	// The completion is announced after the last batch, after at least one progress hint.
@@ -96,7 +98,7 @@ func TestBatchedEmptyTableIsDone(t *testing.T) {
 	cc, conn := setup(t)
 	ctx := ctxT(t)
 	sparseItems(t, conn, 0)
-	m := newMigrator(t, cc, migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_visit.sql": file(countVisits)}})
+	m := newMigrator(t, cc, migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_visit.sql": testkit.File(countVisits)}})
 	if res, err := m.Migrate(ctx, "slow"); err != nil || res.To != 1 {
 		t.Fatalf("migrate = %+v, %v", res, err)
 	}
@@ -115,7 +117,7 @@ func TestBatchedBadTargetFailsBeforeChangingAnything(t *testing.T) {
 		{"texts", "nope", `batch key "nope" is not a column of texts`},
 		{"nokey", "id", "no unique index"},
 	} {
-		lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_walk.sql": file(
+		lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_walk.sql": testkit.File(
 			fmt.Sprintf("---- lanes: batch table=%s key=%s ----\nupdate %s set n = 1 where %s > $1 and %s <= $2", tc.table, tc.key, tc.table, tc.key, tc.key))}}
 		m := newMigrator(t, cc, lane)
 		_, err := m.Migrate(ctx, "slow")
@@ -123,10 +125,10 @@ func TestBatchedBadTargetFailsBeforeChangingAnything(t *testing.T) {
 		if !errors.As(err, &me) || me.File != "001_walk.sql" || me.Transient() || !strings.Contains(err.Error(), tc.want) {
 			t.Fatalf("%s.%s: err = %v, want a permanent error naming the file and %q", tc.table, tc.key, err, tc.want)
 		}
-		if n := queryInt(t, conn, "select count(*) from lanes_progress"); n != 0 {
+		if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_progress"); n != 0 {
 			t.Fatalf("%s.%s: a walk was recorded", tc.table, tc.key)
 		}
-		if n := queryInt(t, conn, "select count(*) from lanes_history where error like $1", "%"+tc.want+"%"); n != 1 {
+		if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where error like $1", "%"+tc.want+"%"); n != 1 {
 			t.Fatalf("%s.%s: failure not recorded", tc.table, tc.key)
 		}
 	}
@@ -187,11 +189,11 @@ func TestBatchedResumesAfterInterruption(t *testing.T) {
 		t.Fatalf("first run: %v", err)
 	}
 	cancel()
-	if n := queryInt(t, conn, "select count(*) from items where n > 1"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from items where n > 1"); n != 0 {
 		t.Fatal("rows visited twice")
 	}
-	done1 := queryInt(t, conn, "select done from lanes_progress where lane = 'slow'")
-	if done1 == 0 || done1 != queryInt(t, conn, "select count(*) from items where n = 1") {
+	done1 := pgtest.Scalar[int](t, conn, "select done from lanes_progress where lane = 'slow'")
+	if done1 == 0 || done1 != pgtest.Scalar[int](t, conn, "select count(*) from items where n = 1") {
 		t.Fatalf("after the cancel: done %d does not match the rows visited", done1)
 	}
 	// Second run: the session is terminated in the middle of a batch: a transient error.
@@ -200,20 +202,20 @@ func TestBatchedResumesAfterInterruption(t *testing.T) {
 	if err == nil || !migrator.IsTransient(err) {
 		t.Fatalf("second run: %v, want a transient error", err)
 	}
-	if n := queryInt(t, conn, "select count(*) from items where n > 1"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from items where n > 1"); n != 0 {
 		t.Fatal("rows visited twice")
 	}
-	if done2 := queryInt(t, conn, "select done from lanes_progress where lane = 'slow'"); done2 <= done1 || done2 != queryInt(t, conn, "select count(*) from items where n = 1") {
+	if done2 := pgtest.Scalar[int](t, conn, "select done from lanes_progress where lane = 'slow'"); done2 <= done1 || done2 != pgtest.Scalar[int](t, conn, "select count(*) from items where n = 1") {
 		t.Fatalf("after the termination: done %d", done2)
 	}
 	// Third run finishes.
 	if res, err := m.Migrate(ctx, "slow"); err != nil || res.To != 1 {
 		t.Fatalf("third run = %+v, %v", res, err)
 	}
-	if n := queryInt(t, conn, "select count(*) from items where id <= 9000 and n <> 1"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from items where id <= 9000 and n <> 1"); n != 0 {
 		t.Fatalf("%d rows not visited exactly once", n)
 	}
-	if n := queryInt(t, conn, "select n from items where id = 100000"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select n from items where id = 100000"); n != 0 {
 		t.Fatal("a row inserted after the walk started was visited")
 	}
 }
@@ -246,7 +248,7 @@ select max(w) from b`, cursor, size).Scan(&last)
 	if res, err := m.Migrate(ctx, "slow"); err != nil || res.To != 1 {
 		t.Fatalf("second run = %+v, %v", res, err)
 	}
-	if n := queryInt(t, conn, "select count(*) from words where n <> 1"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from words where n <> 1"); n != 0 {
 		t.Fatalf("%d words not visited exactly once", n)
 	}
 }
@@ -256,7 +258,7 @@ func TestBatchedStatementErrorNamesTheRange(t *testing.T) {
 	cc, conn := setup(t)
 	ctx := ctxT(t)
 	sparseItems(t, conn, 1000)
-	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_div.sql": file(
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_div.sql": testkit.File(
 		"---- lanes: batch table=items key=id size=100 ----\nupdate items set n = n + 1 + 100 / (id - 1500) * 0 where id > $1 and id <= $2;")}}
 	m := newMigrator(t, cc, lane)
 	_, err := m.TryMigrate(ctx, "slow")
@@ -266,8 +268,8 @@ func TestBatchedStatementErrorNamesTheRange(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 	// The batches before the bad one stay committed; the walk's cursor is below 1500.
-	cursor := queryInt(t, conn, "select cursor::int from lanes_progress")
-	if cursor <= 0 || cursor >= 1500 || queryInt(t, conn, "select count(*) from items where n = 0 and id <= $1", cursor) != 0 {
+	cursor := pgtest.Scalar[int](t, conn, "select cursor::int from lanes_progress")
+	if cursor <= 0 || cursor >= 1500 || pgtest.Scalar[int](t, conn, "select count(*) from items where n = 0 and id <= $1", cursor) != 0 {
 		t.Fatalf("cursor %d", cursor)
 	}
 	// Not retried unchanged; Retry clears the failure once the data is fixed by hand.
@@ -300,18 +302,18 @@ func TestBatchedTimeoutRetriesSmallerThenNamesTheRange(t *testing.T) {
 	ctx := ctxT(t)
 	sparseItems(t, conn, 400)
 	// A batch wider than 20 keys sleeps past the statement timeout: the walk shrinks and passes.
-	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_slow.sql": file(
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_slow.sql": testkit.File(
 		"---- lanes: batch table=items key=id size=200 ----\nupdate items set n = n + 1 where id > $1 and id <= $2 and pg_sleep(case when $2::int - $1::int > 60 then 1 else 0 end) is not null;")}}
 	m := batchedMigrator(t, cc, migrator.BatchConfig{Target: 10 * time.Millisecond, StatementTimeout: 300 * time.Millisecond}, lane)
 	if res, err := m.Migrate(ctx, "slow"); err != nil || res.To != 1 {
 		t.Fatalf("migrate = %+v, %v", res, err)
 	}
-	if n := queryInt(t, conn, "select count(*) from items where n <> 1"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from items where n <> 1"); n != 0 {
 		t.Fatalf("%d rows not visited exactly once", n)
 	}
 	// Every batch times out: after the retries the failure names the range and the timeout.
 	lane.Name = "slower"
-	lane.FS = fstest.MapFS{"001_stuck.sql": file("---- lanes: batch table=items key=id size=10 ----\nupdate items set n = n + 1 where id > $1 and id <= $2 and pg_sleep(1) is not null;")}
+	lane.FS = fstest.MapFS{"001_stuck.sql": testkit.File("---- lanes: batch table=items key=id size=10 ----\nupdate items set n = n + 1 where id > $1 and id <= $2 and pg_sleep(1) is not null;")}
 	m = batchedMigrator(t, cc, migrator.BatchConfig{Target: 10 * time.Millisecond, StatementTimeout: 200 * time.Millisecond}, lane)
 	_, err := m.Migrate(ctx, "slower")
 	var me *migrator.MigrationError
@@ -356,7 +358,7 @@ func TestPauseStopsAtTheNextBatchAndResumeContinues(t *testing.T) {
 	if c := calls.Load(); c != 3 {
 		t.Fatalf("%d batches ran, want 3 (the pause is honoured at the next batch boundary)", c)
 	}
-	if n := queryInt(t, conn, "select count(*) from lanes_history where error is not null"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where error is not null"); n != 0 {
 		t.Fatal("a pause was recorded as a failure")
 	}
 	st, err := m.Status(ctx, conn)
@@ -364,7 +366,7 @@ func TestPauseStopsAtTheNextBatchAndResumeContinues(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := st[1].Progress
-	visited := queryInt(t, conn, "select count(*) from items where n = 1")
+	visited := pgtest.Scalar[int](t, conn, "select count(*) from items where n = 1")
 	if st[1].State != migrator.StatePaused || !st[1].Paused || p == nil || p.Done != int64(visited) || p.Total != 2000 || p.Percent == nil ||
 		*p.Percent != math.Round(float64(visited)/2000*1000)/10 || p.File != "001_visit.go" {
 		t.Fatalf("status = %+v, progress %+v", st[1], p)
@@ -379,7 +381,7 @@ func TestPauseStopsAtTheNextBatchAndResumeContinues(t *testing.T) {
 	if res, err := m.Migrate(ctx, "slow"); err != nil || res.To != 1 {
 		t.Fatalf("after resume = %+v, %v", res, err)
 	}
-	if n := queryInt(t, conn, "select count(*) from items where n <> 1"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from items where n <> 1"); n != 0 {
 		t.Fatalf("%d rows not visited exactly once", n)
 	}
 }

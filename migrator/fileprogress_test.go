@@ -7,6 +7,7 @@ import (
 	"testing/fstest"
 	"time"
 
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -20,7 +21,7 @@ func TestLongFileProgressSaysWhatTheServerKnows(t *testing.T) {
 	ctx := ctxT(t)
 	sparseItems(t, conn, 100)
 	m := newMigrator(t, cc, migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
-		"001_index.sql": file("---- tern: disable-tx ----\ncreate index concurrently items_n on items (n);")}})
+		"001_index.sql": testkit.File("---- tern: disable-tx ----\ncreate index concurrently items_n on items (n);")}})
 	if _, err := conn.Exec(ctx, "listen lanes_done"); err != nil {
 		t.Fatal(err)
 	}

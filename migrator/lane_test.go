@@ -10,21 +10,21 @@ import (
 	"testing/fstest"
 
 	"github.com/jackc/pgx/v5"
-)
 
-func file(s string) *fstest.MapFile { return &fstest.MapFile{Data: []byte(s)} }
+	"github.com/multilanes/lanes/internal/testkit"
+)
 
 func noop(context.Context, pgx.Tx) error { return nil }
 
 func TestLoadLane(t *testing.T) {
 	fsys := fstest.MapFS{
-		"001_create.sql":     file("\n\ncreate table {{.table}} (i int);\n---- create above / drop below ----\ndrop table {{.table}};"),
-		"003_index.sql":      file("---- tern: disable-tx ----\ncreate index concurrently i on t (i);"),
-		"004_shared.sql":     file(`{{ template "shared/grant.sql" . }}`),
-		"shared/grant.sql":   file("grant select on {{.table}} to public;"),
-		"README.md":          file("not a migration"),
-		"notes/ignored.txt":  file("x"),
-		"shared/also_ok.sql": file("-- shared templates may be anything"),
+		"001_create.sql":     testkit.File("\n\ncreate table {{.table}} (i int);\n---- create above / drop below ----\ndrop table {{.table}};"),
+		"003_index.sql":      testkit.File("---- tern: disable-tx ----\ncreate index concurrently i on t (i);"),
+		"004_shared.sql":     testkit.File(`{{ template "shared/grant.sql" . }}`),
+		"shared/grant.sql":   testkit.File("grant select on {{.table}} to public;"),
+		"README.md":          testkit.File("not a migration"),
+		"notes/ignored.txt":  testkit.File("x"),
+		"shared/also_ok.sql": testkit.File("-- shared templates may be anything"),
 	}
 	l, err := loadLane(Lane{Name: "slow", Mode: Background, FS: fsys, Data: map[string]any{"table": "t"},
 		Funcs: []GoMigration{{Version: 2, Name: "load", Up: noop}}})
@@ -69,23 +69,23 @@ func TestLoadLaneErrors(t *testing.T) {
 		file     string // the file the error must name
 		contains string
 	}{
-		{"gap", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select 1"), "003_c.sql": file("select 1")}}, "003_c.sql", "missing migration 2"},
-		{"duplicate", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select 1"), "1_b.sql": file("select 1")}}, "", "duplicate migration 1"},
-		{"zero", Lane{Name: "fast", FS: fstest.MapFS{"000_a.sql": file("select 1")}}, "000_a.sql", "start at 1"},
-		{"overflow", Lane{Name: "fast", FS: fstest.MapFS{"99999999999_a.sql": file("select 1")}}, "99999999999_a.sql", "int32"},
-		{"bad name", Lane{Name: "fast", FS: fstest.MapFS{"001-a.sql": file("select 1")}}, "001-a.sql", "NNN_title.sql"},
-		{"empty", Lane{Name: "fast", FS: fstest.MapFS{"README": file("x")}}, "", "no migrations"},
+		{"gap", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": testkit.File("select 1"), "003_c.sql": testkit.File("select 1")}}, "003_c.sql", "missing migration 2"},
+		{"duplicate", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": testkit.File("select 1"), "1_b.sql": testkit.File("select 1")}}, "", "duplicate migration 1"},
+		{"zero", Lane{Name: "fast", FS: fstest.MapFS{"000_a.sql": testkit.File("select 1")}}, "000_a.sql", "start at 1"},
+		{"overflow", Lane{Name: "fast", FS: fstest.MapFS{"99999999999_a.sql": testkit.File("select 1")}}, "99999999999_a.sql", "int32"},
+		{"bad name", Lane{Name: "fast", FS: fstest.MapFS{"001-a.sql": testkit.File("select 1")}}, "001-a.sql", "NNN_title.sql"},
+		{"empty", Lane{Name: "fast", FS: fstest.MapFS{"README": testkit.File("x")}}, "", "no migrations"},
 		{"nil fs", Lane{Name: "fast"}, "", "no migrations"},
-		{"gitkeep and a file", Lane{Name: "fast", FS: fstest.MapFS{".gitkeep": file(""), "notes.txt": file("x")}}, "", "no migrations"},
-		{"template", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select {{ .missing.deeper }}")}}, "001_a.sql", "template"},
-		{"template syntax", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select {{ if }}")}}, "001_a.sql", ""},
-		{"utf8", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("select '\xff\xfe'")}}, "001_a.sql", "UTF-8"},
-		{"only comments", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": file("-- nothing\n/* here */;\n---- create above / drop below ----\ndrop table x;")}}, "001_a.sql", "no SQL statement"},
-		{"lane name", Lane{Name: "Fast Lane", FS: fstest.MapFS{"001_a.sql": file("select 1")}}, "", "invalid lane name"},
-		{"go duplicate", Lane{Name: "slow", FS: fstest.MapFS{"001_a.sql": file("select 1")}, Funcs: []GoMigration{{Version: 1, Name: "x", Up: noop}}}, "001_x.go", "duplicate migration 1"},
+		{"gitkeep and a file", Lane{Name: "fast", FS: fstest.MapFS{".gitkeep": testkit.File(""), "notes.txt": testkit.File("x")}}, "", "no migrations"},
+		{"template", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": testkit.File("select {{ .missing.deeper }}")}}, "001_a.sql", "template"},
+		{"template syntax", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": testkit.File("select {{ if }}")}}, "001_a.sql", ""},
+		{"utf8", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": testkit.File("select '\xff\xfe'")}}, "001_a.sql", "UTF-8"},
+		{"only comments", Lane{Name: "fast", FS: fstest.MapFS{"001_a.sql": testkit.File("-- nothing\n/* here */;\n---- create above / drop below ----\ndrop table x;")}}, "001_a.sql", "no SQL statement"},
+		{"lane name", Lane{Name: "Fast Lane", FS: fstest.MapFS{"001_a.sql": testkit.File("select 1")}}, "", "invalid lane name"},
+		{"go duplicate", Lane{Name: "slow", FS: fstest.MapFS{"001_a.sql": testkit.File("select 1")}, Funcs: []GoMigration{{Version: 1, Name: "x", Up: noop}}}, "001_x.go", "duplicate migration 1"},
 		{"go nil", Lane{Name: "slow", Funcs: []GoMigration{{Version: 1, Name: "x"}}}, "001_x.go", "no Up"},
 		{"go zero", Lane{Name: "slow", Funcs: []GoMigration{{Version: 0, Name: "x", Up: noop}}}, "000_x.go", "start at 1"},
-		{"bad table", Lane{Name: "slow", VersionTable: "a.b.c", FS: fstest.MapFS{"001_a.sql": file("select 1")}}, "", "invalid table name"},
+		{"bad table", Lane{Name: "slow", VersionTable: "a.b.c", FS: fstest.MapFS{"001_a.sql": testkit.File("select 1")}}, "", "invalid table name"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -115,7 +115,7 @@ func TestNewValidatesLanes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	one := fstest.MapFS{"001_a.sql": file("select 1")}
+	one := fstest.MapFS{"001_a.sql": testkit.File("select 1")}
 	cases := []struct {
 		name     string
 		lanes    []Lane
@@ -150,14 +150,14 @@ func TestNewValidatesLanes(t *testing.T) {
 
 func TestLanesFromFS(t *testing.T) {
 	fsys := fstest.MapFS{
-		"fast/001_a.sql": file("select 1"),
-		"slow/001_a.sql": file("select 1"),
+		"fast/001_a.sql": testkit.File("select 1"),
+		"slow/001_a.sql": testkit.File("select 1"),
 	}
 	lanes, err := LanesFromFS(fsys, nil)
 	if err != nil || len(lanes) != 2 || lanes[0].Name != "fast" || lanes[0].Mode != Blocking || lanes[1].Mode != Background {
 		t.Fatalf("default lanes = %+v, %v", lanes, err)
 	}
-	fsys["reports/001_a.sql"] = file("select 1")
+	fsys["reports/001_a.sql"] = testkit.File("select 1")
 	if _, err := LanesFromFS(fsys, nil); err == nil || !strings.Contains(err.Error(), `"reports"`) {
 		t.Fatalf("undeclared folder: err = %v", err)
 	}

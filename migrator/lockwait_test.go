@@ -8,6 +8,8 @@ import (
 	"testing/fstest"
 	"time"
 
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -20,7 +22,7 @@ func TestBatchedLockWaitsThrottleThenRetryLater(t *testing.T) {
 	cc, conn := setup(t)
 	ctx := ctxT(t)
 	sparseItems(t, conn, 300)
-	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_visit.sql": file(countVisits)}}
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_visit.sql": testkit.File(countVisits)}}
 	m := batchedMigrator(t, cc, migrator.BatchConfig{Target: 20 * time.Millisecond, LockTimeout: 50 * time.Millisecond}, lane)
 	holder, err := m.Connect(ctx)
 	if err != nil {
@@ -39,11 +41,11 @@ func TestBatchedLockWaitsThrottleThenRetryLater(t *testing.T) {
 	if !errors.As(err, &me) || me.SQLState != "55P03" || !me.Transient() || !strings.Contains(err.Error(), "batch (") {
 		t.Fatalf("err = %v, want a transient lock timeout naming the batch", err)
 	}
-	if s := queryInt(t, conn, "select count(*) from lanes_progress where throttled like 'lock waits%'"); s != 1 {
+	if s := pgtest.Scalar[int](t, conn, "select count(*) from lanes_progress where throttled like 'lock waits%'"); s != 1 {
 		t.Fatal("the throttle reason was not recorded")
 	}
-	cursor := queryInt(t, conn, "select cursor::int from lanes_progress")
-	if cursor >= 600 || queryInt(t, conn, "select count(*) from items where n <> 1 and id <= $1", cursor) != 0 {
+	cursor := pgtest.Scalar[int](t, conn, "select cursor::int from lanes_progress")
+	if cursor >= 600 || pgtest.Scalar[int](t, conn, "select count(*) from items where n <> 1 and id <= $1", cursor) != 0 {
 		t.Fatalf("cursor %d", cursor)
 	}
 	if err := tx.Rollback(ctx); err != nil {
@@ -52,7 +54,7 @@ func TestBatchedLockWaitsThrottleThenRetryLater(t *testing.T) {
 	if res, err := m.Migrate(ctx, "slow"); err != nil || res.To != 1 {
 		t.Fatalf("after the lock = %+v, %v", res, err)
 	}
-	if n := queryInt(t, conn, "select count(*) from items where n <> 1"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from items where n <> 1"); n != 0 {
 		t.Fatalf("%d rows not visited exactly once", n)
 	}
 }

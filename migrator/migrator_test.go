@@ -18,6 +18,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -27,8 +28,6 @@ func TestMain(m *testing.M) {
 	}
 	pgtest.RunMain(m)
 }
-
-func file(s string) *fstest.MapFile { return &fstest.MapFile{Data: []byte(s)} }
 
 // setup returns a fresh database's connection config and an admin connection to it.
 func setup(t *testing.T) (*pgx.ConnConfig, *pgx.Conn) {
@@ -63,18 +62,9 @@ func ctxT(t *testing.T) context.Context {
 	return ctx
 }
 
-func queryInt(t *testing.T, conn *pgx.Conn, sql string, args ...any) int {
-	t.Helper()
-	var n int
-	if err := conn.QueryRow(context.Background(), sql, args...).Scan(&n); err != nil {
-		t.Fatalf("%s: %v", sql, err)
-	}
-	return n
-}
-
 var twoFiles = fstest.MapFS{
-	"001_create.sql": file("create table a (i int);\n---- create above / drop below ----\ndrop table a;"),
-	"002_insert.sql": file("insert into a values (1), (2);"),
+	"001_create.sql": testkit.File("create table a (i int);\n---- create above / drop below ----\ndrop table a;"),
+	"002_insert.sql": testkit.File("insert into a values (1), (2);"),
 }
 
 func TestMigrateIsTernCompatible(t *testing.T) {
@@ -89,7 +79,7 @@ func TestMigrateIsTernCompatible(t *testing.T) {
 	if res.From != 0 || res.To != 2 || res.Applied != 2 || res.Ahead {
 		t.Fatalf("result = %+v", res)
 	}
-	if n := queryInt(t, conn, "select count(*) from a"); n != 2 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from a"); n != 2 {
 		t.Fatalf("rows = %d", n)
 	}
 	// The stock tern Migrator, pointed at the same files and version table, sees the same state
@@ -107,7 +97,7 @@ func TestMigrateIsTernCompatible(t *testing.T) {
 	if err := tm.Migrate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if n := queryInt(t, conn, "select count(*) from a"); n != 2 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from a"); n != 2 {
 		t.Fatalf("tern re-applied migrations: rows = %d", n)
 	}
 	// Running again applies nothing.
@@ -115,7 +105,7 @@ func TestMigrateIsTernCompatible(t *testing.T) {
 		t.Fatalf("second run = %+v, %v", res, err)
 	}
 	// History: one row per applied migration, with the checksum of what ran.
-	if n := queryInt(t, conn, "select count(*) from lanes_history where lane = 'fast' and error is null and host <> '' and pid > 0 and application_name like 'lanes/%' and length(checksum) = 64"); n != 2 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where lane = 'fast' and error is null and host <> '' and pid > 0 and application_name like 'lanes/%' and length(checksum) = 64"); n != 2 {
 		t.Fatalf("history rows = %d", n)
 	}
 }
@@ -145,7 +135,7 @@ func TestLanesHaveSeparateLocks(t *testing.T) {
 	ctx := ctxT(t)
 	m := newMigrator(t, cc,
 		migrator.Lane{Name: "fast", FS: twoFiles},
-		migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_b.sql": file("create table b (i int);")}})
+		migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_b.sql": testkit.File("create table b (i int);")}})
 	slowKey, _ := m.LockKey(ctx, conn, "slow")
 	// Another session holds the slow lane's lock and tern's own constant lock.
 	if _, err := conn.Exec(ctx, "select pg_advisory_lock($1), pg_advisory_lock(9628173550095224)", slowKey); err != nil {
@@ -178,7 +168,7 @@ func TestMigrateWaitsForHolderAndAppliesExactlyOnce(t *testing.T) {
 	ctx := ctxT(t)
 	var runs atomic.Int32
 	release := make(chan struct{})
-	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"002_after.sql": file("insert into work values (2);")},
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"002_after.sql": testkit.File("insert into work values (2);")},
 		Funcs: []migrator.GoMigration{{Version: 1, Name: "work", Up: func(ctx context.Context, c pgx.Tx) error {
 			runs.Add(1)
 			<-release
@@ -218,7 +208,7 @@ func TestMigrateWaitsForHolderAndAppliesExactlyOnce(t *testing.T) {
 	if runs.Load() != 1 || applied != 2 {
 		t.Fatalf("go migration ran %d times, %d migrations applied in all; want 1 and 2", runs.Load(), applied)
 	}
-	if n := queryInt(t, conn, "select count(*) from work"); n != 2 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from work"); n != 2 {
 		t.Fatalf("rows = %d", n)
 	}
 }
@@ -227,7 +217,7 @@ func TestAheadOfBinaryIsDone(t *testing.T) {
 	t.Parallel()
 	cc, conn := setup(t)
 	ctx := ctxT(t)
-	newer := fstest.MapFS{"001_create.sql": twoFiles["001_create.sql"], "002_insert.sql": twoFiles["002_insert.sql"], "003_more.sql": file("insert into a values (3);")}
+	newer := fstest.MapFS{"001_create.sql": twoFiles["001_create.sql"], "002_insert.sql": twoFiles["002_insert.sql"], "003_more.sql": testkit.File("insert into a values (3);")}
 	if _, err := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: newer}).Migrate(ctx, "fast"); err != nil {
 		t.Fatal(err)
 	}
@@ -247,8 +237,8 @@ func TestFailedMigrationRollsBackAndIsReported(t *testing.T) {
 	cc, conn := setup(t)
 	ctx := ctxT(t)
 	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
-		"001_ok.sql":  file("create table ok (i int);"),
-		"002_bad.sql": file("-- a comment\ncreate table half (i int);\n\ninsert into half\n  select * from missing_table;\n"),
+		"001_ok.sql":  testkit.File("create table ok (i int);"),
+		"002_bad.sql": testkit.File("-- a comment\ncreate table half (i int);\n\ninsert into half\n  select * from missing_table;\n"),
 	}}
 	m := newMigrator(t, cc, lane)
 	if _, err := conn.Exec(ctx, "listen lanes_done"); err != nil {
@@ -271,10 +261,10 @@ func TestFailedMigrationRollsBackAndIsReported(t *testing.T) {
 	if res.To != 1 || res.Applied != 1 {
 		t.Fatalf("result = %+v", res)
 	}
-	if n := queryInt(t, conn, "select count(*) from pg_tables where tablename = 'half'"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_tables where tablename = 'half'"); n != 0 {
 		t.Fatal("the failed migration's first statement was left applied")
 	}
-	if n := queryInt(t, conn, "select version from lanes_slow_version"); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, "select version from lanes_slow_version"); n != 1 {
 		t.Fatalf("version = %d", n)
 	}
 	st, err := m.Status(ctx, conn)
@@ -305,7 +295,7 @@ func TestFailedMigrationRollsBackAndIsReported(t *testing.T) {
 		t.Fatalf("events = %+v", events)
 	}
 	// A fixed file continues from version 1.
-	lane.FS = fstest.MapFS{"001_ok.sql": lane.FS.(fstest.MapFS)["001_ok.sql"], "002_bad.sql": file("create table half (i int);")}
+	lane.FS = fstest.MapFS{"001_ok.sql": lane.FS.(fstest.MapFS)["001_ok.sql"], "002_bad.sql": testkit.File("create table half (i int);")}
 	if res, err := newMigrator(t, cc, lane).Migrate(ctx, "slow"); err != nil || res.From != 1 || res.To != 2 {
 		t.Fatalf("fixed deploy: %+v, %v", res, err)
 	}
@@ -348,8 +338,8 @@ func TestDisableTxAndGoMigrations(t *testing.T) {
 	cc, conn := setup(t)
 	ctx := ctxT(t)
 	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
-		"001_t.sql":   file("create table t (i int);"),
-		"003_idx.sql": file("---- tern: disable-tx ----\ndrop index concurrently if exists t_i;\ncreate index concurrently t_i on t (i);"),
+		"001_t.sql":   testkit.File("create table t (i int);"),
+		"003_idx.sql": testkit.File("---- tern: disable-tx ----\ndrop index concurrently if exists t_i;\ncreate index concurrently t_i on t (i);"),
 	}, Funcs: []migrator.GoMigration{{Version: 2, Name: "fill", Up: func(ctx context.Context, c pgx.Tx) error {
 		_, err := c.Exec(ctx, "insert into t select generate_series(1, 100)")
 		return err
@@ -357,10 +347,10 @@ func TestDisableTxAndGoMigrations(t *testing.T) {
 	if _, err := newMigrator(t, cc, lane).Migrate(ctx, "slow"); err != nil {
 		t.Fatal(err)
 	}
-	if n := queryInt(t, conn, "select count(*) from pg_index where indexrelid = 't_i'::regclass and indisvalid"); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_index where indexrelid = 't_i'::regclass and indisvalid"); n != 1 {
 		t.Fatal("concurrent index missing or invalid")
 	}
-	if n := queryInt(t, conn, "select count(*) from t"); n != 100 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from t"); n != 100 {
 		t.Fatalf("rows = %d", n)
 	}
 }
@@ -380,7 +370,7 @@ func TestGoMigrationErrorRollsBack(t *testing.T) {
 	if !errors.As(err, &me) || me.File != "001_half.go" || !strings.Contains(err.Error(), "gave up halfway") {
 		t.Fatalf("err = %v", err)
 	}
-	if n := queryInt(t, conn, "select count(*) from pg_tables where tablename = 'half'"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_tables where tablename = 'half'"); n != 0 {
 		t.Fatal("go migration's work was not rolled back")
 	}
 }
@@ -435,7 +425,7 @@ func TestCancelRollsBackAndReleasesLock(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if n := queryInt(t, conn, "select count(*) from pg_tables where tablename = 'long_t'"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_tables where tablename = 'long_t'"); n != 0 {
 		t.Fatal("cancelled migration left its table")
 	}
 }
@@ -448,9 +438,9 @@ func TestDriftIsReportedAndStopsMigrate(t *testing.T) {
 		t.Fatal(err)
 	}
 	edited := fstest.MapFS{
-		"001_create.sql": file("create table a (i int, j int);"), // changed after it was applied
+		"001_create.sql": testkit.File("create table a (i int, j int);"), // changed after it was applied
 		"002_insert.sql": twoFiles["002_insert.sql"],
-		"003_more.sql":   file("insert into a values (3);"),
+		"003_more.sql":   testkit.File("insert into a values (3);"),
 	}
 	m := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: edited})
 	st, err := m.Status(ctx, conn)
@@ -465,7 +455,7 @@ func TestDriftIsReportedAndStopsMigrate(t *testing.T) {
 	if !errors.As(err, &de) || de.Lane != "fast" || len(de.Files) != 1 || !strings.Contains(err.Error(), "001_create.sql") {
 		t.Fatalf("Migrate = %v, want a *DriftError naming 001_create.sql", err)
 	}
-	if n := queryInt(t, conn, "select version from lanes_fast_version"); n != 2 {
+	if n := pgtest.Scalar[int](t, conn, "select version from lanes_fast_version"); n != 2 {
 		t.Fatalf("version = %d: Migrate applied past drift", n)
 	}
 	allow, err := migrator.New(cc, []migrator.Lane{{Name: "fast", FS: edited}}, migrator.Config{AllowDrift: true})
@@ -490,7 +480,7 @@ func TestDedicatedConnectionSettings(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	version := queryInt(t, conn, "select current_setting('server_version_num')::int")
+	version := pgtest.Scalar[int](t, conn, "select current_setting('server_version_num')::int")
 	check := func(what string, mc *pgx.Conn) {
 		t.Helper()
 		var app string
@@ -542,7 +532,7 @@ func TestDedicatedConnectionSettings(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("after migrating", mc)
-	if n := queryInt(t, conn, "select count(*) from lanes_history where application_name = $1", fmt.Sprintf("lanes/%s/%d", hostname(t), os.Getpid())); n != 2 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where application_name = $1", fmt.Sprintf("lanes/%s/%d", hostname(t), os.Getpid())); n != 2 {
 		t.Fatalf("history rows with the default application_name = %d, want 2", n)
 	}
 	said := strings.Count(logs.String(), "no client_connection_check_interval")
@@ -593,20 +583,20 @@ func TestFileRunsAsOneQueryLikeTern(t *testing.T) {
 	cc, conn := setup(t)
 	ctx := ctxT(t)
 	body := "begin atomic\n  select 1;\n  select 2;\nend;"
-	if queryInt(t, conn, "select current_setting('server_version_num')::int") < 140000 {
+	if pgtest.Scalar[int](t, conn, "select current_setting('server_version_num')::int") < 140000 {
 		body = "as 'select 1; select 2';" // PostgreSQL 13 has no BEGIN ATOMIC; the rule below still applies
 	}
 	lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{
-		"001_atomic.sql": file("create table log (i int);\ncreate function two() returns int language sql\n" + body + "\ncreate table audit (i int);\ncreate rule twice as on insert to log where new.i = 0 do also (insert into audit values (-1); insert into audit values (-2));"),
-		"002_use.sql":    file("insert into log values (two()), (0);"),
+		"001_atomic.sql": testkit.File("create table log (i int);\ncreate function two() returns int language sql\n" + body + "\ncreate table audit (i int);\ncreate rule twice as on insert to log where new.i = 0 do also (insert into audit values (-1); insert into audit values (-2));"),
+		"002_use.sql":    testkit.File("insert into log values (two()), (0);"),
 	}}
 	if _, err := newMigrator(t, cc, lane).Migrate(ctx, "fast"); err != nil {
 		t.Fatal(err)
 	}
-	if n := queryInt(t, conn, "select count(*) from log") + queryInt(t, conn, "select count(*) from audit"); n != 4 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from log") + pgtest.Scalar[int](t, conn, "select count(*) from audit"); n != 4 {
 		t.Fatalf("log and audit have %d rows, want 4", n)
 	}
-	if n := queryInt(t, conn, "select sum(i) from log"); n != 2 {
+	if n := pgtest.Scalar[int](t, conn, "select sum(i) from log"); n != 2 {
 		t.Fatalf("sum(log) = %d, want 2: two() must return 2", n)
 	}
 }
@@ -618,14 +608,14 @@ func TestErrorWithoutPositionNamesTheStatement(t *testing.T) {
 	cc, conn := setup(t)
 	ctx := ctxT(t)
 	lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{
-		"001_dup.sql": file("create table u (i int primary key);\ninsert into u values (1);\n\ninsert into u values (2),\n  (1);\ninsert into u values (3);"),
+		"001_dup.sql": testkit.File("create table u (i int primary key);\ninsert into u values (1);\n\ninsert into u values (2),\n  (1);\ninsert into u values (3);"),
 	}}
 	_, err := newMigrator(t, cc, lane).Migrate(ctx, "fast")
 	var me *migrator.MigrationError
 	if !errors.As(err, &me) || me.SQLState != "23505" || me.Line != 4 || !strings.HasPrefix(me.Statement, "insert into u values (2)") {
 		t.Fatalf("err = %v (%#v)", err, me)
 	}
-	if n := queryInt(t, conn, "select count(*) from pg_tables where tablename = 'u'"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_tables where tablename = 'u'"); n != 0 {
 		t.Fatal("the failed migration left the table")
 	}
 }
@@ -638,7 +628,7 @@ func TestLanesSharingAVersionTableAreRefused(t *testing.T) {
 	ctx := ctxT(t)
 	m := newMigrator(t, cc,
 		migrator.Lane{Name: "fast", VersionTable: "shared_version", FS: twoFiles},
-		migrator.Lane{Name: "slow", Mode: migrator.Background, VersionTable: "public.shared_version", FS: fstest.MapFS{"001_b.sql": file("create table b (i int);")}})
+		migrator.Lane{Name: "slow", Mode: migrator.Background, VersionTable: "public.shared_version", FS: fstest.MapFS{"001_b.sql": testkit.File("create table b (i int);")}})
 	for _, lane := range []string{"fast", "slow"} {
 		_, err := m.Migrate(ctx, lane)
 		if err == nil || !strings.Contains(err.Error(), `"fast"`) || !strings.Contains(err.Error(), `"slow"`) || !strings.Contains(err.Error(), "public.shared_version") {
@@ -648,7 +638,7 @@ func TestLanesSharingAVersionTableAreRefused(t *testing.T) {
 	if _, err := m.Status(ctx, conn); err == nil {
 		t.Fatal("Status accepted two lanes sharing a version table")
 	}
-	if n := queryInt(t, conn, "select count(*) from pg_class where relname in ('shared_version', 'a', 'b', 'lanes_history')"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_class where relname in ('shared_version', 'a', 'b', 'lanes_history')"); n != 0 {
 		t.Fatalf("%d tables created although the lanes were refused", n)
 	}
 }
@@ -670,7 +660,7 @@ func TestMissingVersionTableWithHistoryIsRefused(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "lanes_fast_version") || !strings.Contains(err.Error(), "lanes_history") {
 		t.Fatalf("err = %v, want a refusal naming both tables", err)
 	}
-	if n := queryInt(t, conn, "select count(*) from pg_class where relname in ('lanes_fast_version', 'a')"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_class where relname in ('lanes_fast_version', 'a')"); n != 0 {
 		t.Fatal("migration 1 was applied again")
 	}
 	// Status names the qualified version table.
@@ -698,7 +688,7 @@ func TestLocatingAFailureRunsNothingAgain(t *testing.T) {
 		{"001_dup.sql", "select nextval('s');\ninsert into u values (1);\ninsert into u values (1);", "23505", "insert into u values (1);", 3},
 		{"001_slow.sql", "set local statement_timeout = '200ms';\nselect 1;\nselect nextval('calls'), pg_sleep(5);\nselect 2;", "57014", "select nextval('calls'), pg_sleep(5);", 3},
 	} {
-		lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{tc.file: file(tc.sql)}}
+		lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{tc.file: testkit.File(tc.sql)}}
 		_, err := newMigrator(t, cc, lane).Migrate(ctx, "fast")
 		var me *migrator.MigrationError
 		if !errors.As(err, &me) || me.SQLState != tc.sqlstate || me.Statement != tc.statement || me.Line != tc.line || me.File != tc.file {
@@ -706,11 +696,11 @@ func TestLocatingAFailureRunsNothingAgain(t *testing.T) {
 		}
 	}
 	for _, seq := range []string{"s", "calls"} {
-		if n := queryInt(t, conn, "select case when is_called then last_value else 0 end from "+seq); n != 1 {
+		if n := pgtest.Scalar[int](t, conn, "select case when is_called then last_value else 0 end from "+seq); n != 1 {
 			t.Errorf("sequence %s advanced %d times, want once: a statement ran again", seq, n)
 		}
 	}
-	if n := queryInt(t, conn, "select count(*) from u"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from u"); n != 0 {
 		t.Fatalf("u has %d rows after the failed migration", n)
 	}
 }
@@ -724,7 +714,7 @@ func TestUnlocatableFailureNamesNoStatement(t *testing.T) {
 	cc, _ := setup(t)
 	ctx := ctxT(t)
 	lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{
-		"001_odd.sql": file("create function odd() returns int language sql set search_path = begin as 'select 1';\nselect 1/0;"),
+		"001_odd.sql": testkit.File("create function odd() returns int language sql set search_path = begin as 'select 1';\nselect 1/0;"),
 	}}
 	_, err := newMigrator(t, cc, lane).Migrate(ctx, "fast")
 	var me *migrator.MigrationError
@@ -763,7 +753,7 @@ func TestApplierHoldsTheKeyOfEarlierReleases(t *testing.T) {
 	if _, err := conn.Exec(ctx, "select pg_advisory_unlock($1)", old); err != nil {
 		t.Fatal(err)
 	}
-	if n := queryInt(t, conn, "select count(*) from pg_locks where locktype = 'advisory' and granted and database = (select oid from pg_database where datname = current_database())"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_locks where locktype = 'advisory' and granted and database = (select oid from pg_database where datname = current_database())"); n != 0 {
 		t.Fatalf("%d advisory locks left after the refused attempt", n)
 	}
 	if _, err := m.TryMigrate(ctx, "fast"); err != nil {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -26,7 +27,7 @@ func TestFailureIsAnnouncedWithoutItsText(t *testing.T) {
 		t.Fatal(err)
 	}
 	lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{
-		"001_role.sql": file("select 1;\nalter role lanes_no_such_role_x password '" + secret + "';"),
+		"001_role.sql": testkit.File("select 1;\nalter role lanes_no_such_role_x password '" + secret + "';"),
 	}}
 	m := newMigrator(t, cc, lane)
 	if _, err := m.Migrate(ctx, "fast"); err == nil || !strings.Contains(err.Error(), "lanes_no_such_role_x") {
@@ -109,7 +110,7 @@ func TestFailureRecordsAreBounded(t *testing.T) {
 	ctx := ctxT(t)
 	big := strings.Repeat("x", 3<<20)
 	lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{
-		"001_big.sql": file("create table t (i int);\nselect '" + big + "' as filler,\n  no_such_column_here from t;"),
+		"001_big.sql": testkit.File("create table t (i int);\nselect '" + big + "' as filler,\n  no_such_column_here from t;"),
 	}}
 	m := newMigrator(t, cc, lane)
 	_, err := m.Migrate(ctx, "fast")
@@ -157,7 +158,7 @@ func TestDriftByNameOrChecksumOnAnUpToDateLane(t *testing.T) {
 		return migrator.Lane{Name: "slow", Mode: migrator.Background, FS: files,
 			Funcs: []migrator.GoMigration{{Version: 3, Name: "go", Revision: revision, Up: noop}}}
 	}
-	orig := fstest.MapFS{"001_create.sql": file("create table a (i int);"), "002_insert.sql": file("insert into a values (1);")}
+	orig := fstest.MapFS{"001_create.sql": testkit.File("create table a (i int);"), "002_insert.sql": testkit.File("insert into a values (1);")}
 	if _, err := newMigrator(t, cc, lane(orig, "1")).Migrate(ctx, "slow"); err != nil {
 		t.Fatal(err)
 	}
@@ -168,7 +169,7 @@ func TestDriftByNameOrChecksumOnAnUpToDateLane(t *testing.T) {
 	}{
 		{"renamed", lane(fstest.MapFS{"001_create.sql": orig["001_create.sql"], "002_other_name.sql": orig["002_insert.sql"]}, "1"),
 			[]string{"002_other_name.sql (applied as 002_insert.sql)"}},
-		{"changed", lane(fstest.MapFS{"001_create.sql": file("create table a (i bigint);"), "002_insert.sql": orig["002_insert.sql"]}, "1"),
+		{"changed", lane(fstest.MapFS{"001_create.sql": testkit.File("create table a (i bigint);"), "002_insert.sql": orig["002_insert.sql"]}, "1"),
 			[]string{"001_create.sql"}},
 		{"go revision", lane(orig, "2"), []string{"003_go.go"}},
 	} {

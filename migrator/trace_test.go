@@ -6,6 +6,8 @@ import (
 	"testing/fstest"
 	"time"
 
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -38,9 +40,9 @@ func TestTraceReportsLockWaitAndMigrations(t *testing.T) {
 	cc, admin := setup(t)
 	ctx := ctxT(t)
 	lane := migrator.Lane{Name: "fast", FS: fstest.MapFS{
-		"001_a.sql": file("create table a (i int);"),
-		"002_b.sql": file("create table b (i int);"),
-		"003_c.sql": file("select * from no_such_table;"),
+		"001_a.sql": testkit.File("create table a (i int);"),
+		"002_b.sql": testkit.File("create table b (i int);"),
+		"003_c.sql": testkit.File("select * from no_such_table;"),
 	}}
 	m := newMigrator(t, cc, lane)
 	key, err := m.LockKey(ctx, admin, "fast")
@@ -58,7 +60,7 @@ func TestTraceReportsLockWaitAndMigrations(t *testing.T) {
 	}()
 	// Release the lock once the migrator has tried it and is waiting (idle between tries).
 	deadline := time.Now().Add(10 * time.Second)
-	for queryInt(t, admin, "select count(*) from pg_stat_activity where pid <> pg_backend_pid() and datname = current_database() and state = 'idle' and query like '%pg_try_advisory_lock%'") == 0 {
+	for pgtest.Scalar[int](t, admin, "select count(*) from pg_stat_activity where pid <> pg_backend_pid() and datname = current_database() and state = 'idle' and query like '%pg_try_advisory_lock%'") == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the migrator never tried the lock")
 		}

@@ -14,6 +14,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -73,20 +75,20 @@ func TestGoMigrationNestedBeginIsASavepoint(t *testing.T) {
 	if !errors.As(err, &me) || me.File != "001_nested.go" {
 		t.Fatalf("err = %v", err)
 	}
-	if n := queryInt(t, conn, "select count(*) from effects"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from effects"); n != 0 {
 		t.Fatalf("the nested transaction's commit committed the migration: %d rows stayed after the migration failed", n)
 	}
-	if n := queryInt(t, conn, "select coalesce(max(version), 0) from lanes_slow_version"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select coalesce(max(version), 0) from lanes_slow_version"); n != 0 {
 		t.Fatalf("version = %d after a failed migration", n)
 	}
 	// The same migration returning nil applies once and records its version.
 	if _, err := newMigrator(t, cc, nestedLane(func(context.Context) error { return nil })).Migrate(ctx, "slow"); err != nil {
 		t.Fatal(err)
 	}
-	if n := queryInt(t, conn, "select count(*) from effects"); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from effects"); n != 1 {
 		t.Fatalf("rows = %d, want 1", n)
 	}
-	if n := queryInt(t, conn, "select max(version) from lanes_slow_version"); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, "select max(version) from lanes_slow_version"); n != 1 {
 		t.Fatalf("version = %d, want 1", n)
 	}
 }
@@ -141,22 +143,22 @@ func TestFaultSigkillAfterNestedCommit(t *testing.T) {
 	// gone (client_connection_check_interval, or at once for an idle session): wait for the
 	// session to end, then look.
 	deadline := time.Now().Add(20 * time.Second)
-	for queryInt(t, conn, "select count(*) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid() and application_name = 'lanes'") > 0 {
+	for pgtest.Scalar[int](t, conn, "select count(*) from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid() and application_name = 'lanes'") > 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the killed helper's session did not end")
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if n := queryInt(t, conn, "select count(*) from effects"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from effects"); n != 0 {
 		t.Fatalf("SIGKILL after the nested commit left the effect behind: %d rows", n)
 	}
-	if n := queryInt(t, conn, "select coalesce((select max(version) from lanes_slow_version), 0)"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select coalesce((select max(version) from lanes_slow_version), 0)"); n != 0 {
 		t.Fatalf("version = %d after the kill", n)
 	}
 	if _, err := newMigrator(t, cc, nestedLane(func(context.Context) error { return nil })).Migrate(ctx, "slow"); err != nil {
 		t.Fatal(err)
 	}
-	if n := queryInt(t, conn, "select count(*) from effects"); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from effects"); n != 1 {
 		t.Fatalf("after the rerun: %d rows, want exactly 1", n)
 	}
 }
@@ -171,7 +173,7 @@ func TestMigrationEndingItsTransactionIsNotRecorded(t *testing.T) {
 		file string
 	}{
 		{"file", migrator.Lane{Name: "fast", FS: fstest.MapFS{
-			"001_commit.sql": file("insert into effects values ('before');\ncommit;\ninsert into effects values ('after');"),
+			"001_commit.sql": testkit.File("insert into effects values ('before');\ncommit;\ninsert into effects values ('after');"),
 		}}, "001_commit.sql"},
 		{"go", migrator.Lane{Name: "fast", Funcs: []migrator.GoMigration{{Version: 1, Name: "commit", Up: func(ctx context.Context, tx pgx.Tx) error {
 			if _, err := tx.Exec(ctx, "insert into effects values ('before')"); err != nil {
@@ -196,13 +198,13 @@ func TestMigrationEndingItsTransactionIsNotRecorded(t *testing.T) {
 			if !strings.Contains(err.Error(), tc.file) || !strings.Contains(err.Error(), `"fast"`) {
 				t.Fatalf("error does not name lane and file: %v", err)
 			}
-			if n := queryInt(t, conn, "select coalesce((select max(version) from lanes_fast_version), 0)"); n != 0 {
+			if n := pgtest.Scalar[int](t, conn, "select coalesce((select max(version) from lanes_fast_version), 0)"); n != 0 {
 				t.Fatalf("version %d recorded for a migration that ended its transaction", n)
 			}
-			if n := queryInt(t, conn, "select count(*) from lanes_history where error is null"); n != 0 {
+			if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where error is null"); n != 0 {
 				t.Fatalf("%d success rows in the history", n)
 			}
-			if n := queryInt(t, conn, "select count(*) from lanes_history where error is not null and name = $1", tc.file); n != 1 {
+			if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where error is not null and name = $1", tc.file); n != 1 {
 				t.Fatalf("failure rows = %d, want 1", n)
 			}
 		})
@@ -216,7 +218,7 @@ func TestGoMigrationWithoutTransaction(t *testing.T) {
 	cc, conn := setup(t)
 	ctx := ctxT(t)
 	lane := migrator.Lane{Name: "slow", Mode: migrator.Background,
-		FS: fstest.MapFS{"001_t.sql": file("create table t (i int);")},
+		FS: fstest.MapFS{"001_t.sql": testkit.File("create table t (i int);")},
 		Funcs: []migrator.GoMigration{
 			{Version: 2, Name: "index", UpNoTx: func(ctx context.Context, c *pgx.Conn) error {
 				_, err := c.Exec(ctx, "create index concurrently t_i on t (i)")
@@ -235,13 +237,13 @@ func TestGoMigrationWithoutTransaction(t *testing.T) {
 	if res.To != 2 {
 		t.Fatalf("result = %+v, want version 2", res)
 	}
-	if n := queryInt(t, conn, "select count(*) from pg_index where indexrelid = 't_i'::regclass and indisvalid"); n != 1 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_index where indexrelid = 't_i'::regclass and indisvalid"); n != 1 {
 		t.Fatal("concurrent index missing or invalid")
 	}
-	if n := queryInt(t, conn, "select count(*) from t"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from t"); n != 0 {
 		t.Fatalf("the transaction left open was committed: %d rows", n)
 	}
-	if n := queryInt(t, conn, "select max(version) from lanes_slow_version"); n != 2 {
+	if n := pgtest.Scalar[int](t, conn, "select max(version) from lanes_slow_version"); n != 2 {
 		t.Fatalf("version = %d, want 2", n)
 	}
 	// Both Up and UpNoTx, or neither, is a load error.
@@ -271,7 +273,7 @@ func TestGoMigrationSwallowingAnErrorIsRolledBack(t *testing.T) {
 	if !errors.As(err, &me) || me.File != "001_swallow.go" || !strings.Contains(err.Error(), "returned no error") {
 		t.Fatalf("err = %v", err)
 	}
-	if n := queryInt(t, conn, "select count(*) from pg_class where relname = 'made'"); n != 0 {
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_class where relname = 'made'"); n != 0 {
 		t.Fatal("the aborted migration left its table")
 	}
 }

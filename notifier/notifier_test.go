@@ -15,6 +15,7 @@ import (
 	"github.com/multilanes/lanes/internal/faultproxy"
 	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/notifier"
 )
 
@@ -108,17 +109,6 @@ func (e *env) listener(cc *pgx.ConnConfig, s *state, cfg notifier.Config) *notif
 	return l
 }
 
-func eventually(t *testing.T, what string, within time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s", what, within)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func TestNotificationTriggersARead(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
@@ -128,14 +118,14 @@ func TestNotificationTriggersARead(t *testing.T) {
 		t.Fatalf("Start should read the state once, read %d times", calls)
 	}
 	e.commit(1)
-	eventually(t, "state 1 seen", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
+	testkit.Eventually(t, "state 1 seen", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
 	if _, _, hints := s.get(); hints != 1 || l.Delivery() != notifier.DeliveryListening {
 		t.Fatalf("hints = %d, mode = %s", hints, l.Delivery())
 	}
 	// A rolled-back transaction notifies nobody.
 	e.exec("begin; update state set v = 9; select pg_notify('lanes_done', 'v9'); rollback")
 	e.commit(2)
-	eventually(t, "state 2 seen", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 2 })
+	testkit.Eventually(t, "state 2 seen", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 2 })
 	if _, _, hints := s.get(); hints != 2 {
 		t.Fatalf("hints = %d, want 2: the rolled-back notification must not arrive", hints)
 	}
@@ -151,13 +141,13 @@ func TestReconnectAfterTerminateReadsWhatWasMissed(t *testing.T) {
 	e.exec("select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'notifier_terminate_test' and datname = current_database()")
 	// Committed while the listener is disconnected: the notification is lost, the state is not.
 	e.commit(1)
-	eventually(t, "state 1 seen after the reconnect", 10*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
+	testkit.Eventually(t, "state 1 seen after the reconnect", 10*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
 	if st := l.Stats(); st.Connects < 2 {
 		t.Fatalf("connects = %d, want a reconnect", st.Connects)
 	}
-	eventually(t, "listening again", 5*time.Second, func() bool { return l.Delivery() == notifier.DeliveryListening })
+	testkit.Eventually(t, "listening again", 5*time.Second, func() bool { return l.Delivery() == notifier.DeliveryListening })
 	e.commit(2)
-	eventually(t, "state 2 seen by notification", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 2 })
+	testkit.Eventually(t, "state 2 seen by notification", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 2 })
 }
 
 func TestHalfOpenConnectionIsDetectedByPing(t *testing.T) {
@@ -177,7 +167,7 @@ func TestHalfOpenConnectionIsDetectedByPing(t *testing.T) {
 		t.Fatal("listener still believes a half-open connection is listening")
 	}
 	proxy.SetBlackhole(false)
-	eventually(t, "state 1 seen after the partition heals", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
+	testkit.Eventually(t, "state 1 seen after the partition heals", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
 	if st := l.Stats(); st.Connects < 2 {
 		t.Fatalf("connects = %d, want a new connection", st.Connects)
 	}
@@ -197,7 +187,7 @@ func TestDeafListenFallsBackToPollingAndLogsOnce(t *testing.T) {
 		t.Fatalf("mode = %s, want polling", l.Delivery())
 	}
 	e.commit(1)
-	eventually(t, "state 1 seen by polling", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
+	testkit.Eventually(t, "state 1 seen by polling", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 1 })
 	time.Sleep(time.Second) // several relisten attempts, all deaf
 	if n := strings.Count(logs.String(), "polling instead"); n != 1 {
 		t.Fatalf("fallback logged %d times, want once:\n%s", n, logs.String())
@@ -206,13 +196,13 @@ func TestDeafListenFallsBackToPollingAndLogsOnce(t *testing.T) {
 		t.Fatalf("stats = %+v", st)
 	}
 	proxy.SetDeaf(false)
-	eventually(t, "listening again", 5*time.Second, func() bool { return l.Delivery() == notifier.DeliveryListening })
+	testkit.Eventually(t, "listening again", 5*time.Second, func() bool { return l.Delivery() == notifier.DeliveryListening })
 	if !strings.Contains(logs.String(), "LISTEN works again") {
 		t.Fatalf("recovery not logged:\n%s", logs.String())
 	}
 	polls := l.Stats().Polls
 	e.commit(2)
-	eventually(t, "state 2 seen by notification", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 2 })
+	testkit.Eventually(t, "state 2 seen by notification", 5*time.Second, func() bool { v, _, _ := s.get(); return v == 2 })
 	time.Sleep(200 * time.Millisecond)
 	if got := l.Stats().Polls; got != polls {
 		t.Fatalf("still polling while listening: %d polls, then %d", polls, got)

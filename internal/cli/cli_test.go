@@ -18,6 +18,7 @@ import (
 
 	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -55,30 +56,13 @@ func (r result) String() string {
 	return "exit " + strconv.Itoa(r.code) + "\nstdout:\n" + r.stdout + "\nstderr:\n" + r.stderr
 }
 
-// writeTree creates files (slash-separated paths relative to a new temporary folder) and
-// returns the folder.
-func writeTree(t *testing.T, files map[string]string) string {
-	t.Helper()
-	dir := t.TempDir()
-	for name, content := range files {
-		p := filepath.Join(dir, filepath.FromSlash(name))
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return dir
-}
-
 // dbVars returns the environment of a command run against a fresh database and the lanes in
 // files.
 func dbVars(t *testing.T, files map[string]string) map[string]string {
 	t.Helper()
 	return map[string]string{
 		"DATABASE_URL":     pgtest.NewDB(t),
-		"LANES_MIGRATIONS": writeTree(t, files),
+		"LANES_MIGRATIONS": testkit.WriteTree(t, files),
 		"LANES_LOG_FORMAT": "json",
 	}
 }
@@ -158,7 +142,7 @@ func TestBadDurationNamesTheFlagAndAnExample(t *testing.T) {
 
 func TestUsageErrors(t *testing.T) {
 	t.Parallel()
-	dir := writeTree(t, map[string]string{"fast/001_a.sql": "select 1;", "slow/001_b.sql": "select 1;"})
+	dir := testkit.WriteTree(t, map[string]string{"fast/001_a.sql": "select 1;", "slow/001_b.sql": "select 1;"})
 	vars := map[string]string{"DATABASE_URL": "postgres://nobody@127.0.0.1:1/none", "LANES_MIGRATIONS": dir}
 	for _, args := range [][]string{
 		{},
@@ -189,7 +173,7 @@ func TestUsageErrors(t *testing.T) {
 
 func TestBadDatabaseURLNeverPrintsThePassword(t *testing.T) {
 	t.Parallel()
-	dir := writeTree(t, map[string]string{"fast/001_a.sql": "select 1;", "slow/001_b.sql": "select 1;"})
+	dir := testkit.WriteTree(t, map[string]string{"fast/001_a.sql": "select 1;", "slow/001_b.sql": "select 1;"})
 	urls := []string{
 		"postgres://u:s3cr3t@127.0.0.1:notaport/db",
 		"postgres://u:s3cr3t@[::1/db",
@@ -415,7 +399,7 @@ func TestWaitDoesNotApply(t *testing.T) {
 
 func TestNew(t *testing.T) {
 	t.Parallel()
-	dir := writeTree(t, map[string]string{
+	dir := testkit.WriteTree(t, map[string]string{
 		"fast/001_a.sql":  "create table a (i int);",
 		"fast/002_b.sql":  "create table b (i int);",
 		"slow/0001_c.sql": "create table c (i int);",
@@ -471,7 +455,7 @@ func TestGlobalFlagsOverrideEnvironment(t *testing.T) {
 
 func TestTuningVariables(t *testing.T) {
 	t.Parallel()
-	dir := writeTree(t, map[string]string{"fast/001_a.sql": "select 1;", "slow/001_b.sql": "select 1;"})
+	dir := testkit.WriteTree(t, map[string]string{"fast/001_a.sql": "select 1;", "slow/001_b.sql": "select 1;"})
 	for _, name := range []string{"LANES_TAKEOVER_INTERVAL", "LANES_PING_INTERVAL", "LANES_POLL_INTERVAL", "LANES_RELISTEN_INTERVAL"} {
 		for _, bad := range []string{"soon", "-1s", "5"} {
 			vars := map[string]string{"DATABASE_URL": "postgres://nobody@127.0.0.1:1/none", "LANES_MIGRATIONS": dir, name: bad}
@@ -716,7 +700,7 @@ func TestConnectionErrorSaidOnce(t *testing.T) {
 	ln.Close()
 	vars := map[string]string{
 		"DATABASE_URL":     fmt.Sprintf("postgres://u:secret@127.0.0.1:%d/db?connect_timeout=5", port),
-		"LANES_MIGRATIONS": writeTree(t, map[string]string{"fast/001_a.sql": "select 1;"}),
+		"LANES_MIGRATIONS": testkit.WriteTree(t, map[string]string{"fast/001_a.sql": "select 1;"}),
 		"LANES_LOG_FORMAT": "console",
 	}
 	// --timeout 0s: no retry (a retry would say the refusal again in its warning).

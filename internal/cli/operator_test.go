@@ -9,6 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -166,7 +167,7 @@ func TestValidateAndLint(t *testing.T) {
 	t.Parallel()
 	// No database: an address nothing listens on. validate and lint never connect.
 	vars := func(files map[string]string) map[string]string {
-		return map[string]string{"DATABASE_URL": "postgres://nobody:pw@127.0.0.1:1/none", "LANES_MIGRATIONS": writeTree(t, files)}
+		return map[string]string{"DATABASE_URL": "postgres://nobody:pw@127.0.0.1:1/none", "LANES_MIGRATIONS": testkit.WriteTree(t, files)}
 	}
 	risky := vars(map[string]string{
 		"fast/001_new.sql":    "create table t (i int);\ncreate index t_i on t (i);\nalter table t add column j int;",

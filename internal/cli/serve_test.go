@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/app"
+	"github.com/multilanes/lanes/internal/testkit"
 )
 
 // get returns the status code and body of a GET, or -1 and the error text.
@@ -147,7 +148,7 @@ func TestServeAddressInUse(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	dir := writeTree(t, map[string]string{"fast/001_a.sql": "select 1;"})
+	dir := testkit.WriteTree(t, map[string]string{"fast/001_a.sql": "select 1;"})
 	vars := map[string]string{"LANES_ADDR": ln.Addr().String(), "DATABASE_URL": "postgres://nobody@127.0.0.1:1/none", "LANES_MIGRATIONS": dir}
 	if res := runCLI(t, vars, "serve"); res.code != ExitError || !strings.Contains(res.stderr, ln.Addr().String()) {
 		t.Errorf("serve on a busy address from LANES_ADDR: %v", res)

@@ -3,7 +3,6 @@ package pgtest_test
 import (
 	"context"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 
@@ -12,24 +11,11 @@ import (
 
 func TestMain(m *testing.M) { pgtest.RunMain(m) }
 
-// connect opens a connection closed at the end of the test.
-func connect(t *testing.T, url string) *pgx.Conn {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = conn.Close(context.Background()) })
-	return conn
-}
-
 // databaseExists reports whether the server at admin has a database named name.
 func databaseExists(t *testing.T, admin, name string) bool {
 	t.Helper()
 	var exists bool
-	err := connect(t, admin).QueryRow(t.Context(), "select exists (select from pg_database where datname = $1)", name).Scan(&exists)
+	err := pgtest.Connect(t, admin).QueryRow(t.Context(), "select exists (select from pg_database where datname = $1)", name).Scan(&exists)
 	if err != nil {
 		t.Fatal(err)
 	}
