@@ -11,6 +11,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
+
+	"github.com/multilanes/lanes/internal/backoff"
 )
 
 // progressLogEvery is the cadence of the applier's progress log line.
@@ -219,7 +221,7 @@ func (w *walk) step(ctx context.Context) (bool, error) {
 			lockWaits++
 			w.sz.shrink()
 			w.setThrottled(ctx, "lock waits: a batch waited longer than the lock timeout")
-			if err := sleep(ctx, max(w.lastDur, w.m.cfg.Batch.Target)); err != nil {
+			if err := backoff.Sleep(ctx, max(w.lastDur, w.m.cfg.Batch.Target)); err != nil {
 				return false, err
 			}
 		default:
@@ -383,7 +385,7 @@ func (w *walk) progress() Progress {
 func (w *walk) between(ctx context.Context) error {
 	cfg := w.m.cfg.Batch
 	if d := cfg.Pause + time.Duration(cfg.NiceRatio*float64(w.lastDur)); d > 0 {
-		if err := sleep(ctx, d); err != nil {
+		if err := backoff.Sleep(ctx, d); err != nil {
 			return err
 		}
 	}
@@ -420,7 +422,7 @@ func (w *walk) between(ctx context.Context) error {
 		} else if paused {
 			return w.pausedErr()
 		}
-		if err := sleep(ctx, time.Second); err != nil {
+		if err := backoff.Sleep(ctx, time.Second); err != nil {
 			return err
 		}
 	}
@@ -544,17 +546,6 @@ from (select 1) one left join pg_stat_replication s on true`)
 		p.reason = fmt.Sprintf("replication lag %s > %s (%s)", worst.Round(100*time.Millisecond), bound, worstName)
 	}
 	return p.reason, p.health, nil
-}
-
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }
 
 func deref64(p *int64) int64 {
