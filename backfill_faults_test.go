@@ -36,7 +36,9 @@ update items set n = n + 1 where id > $1 and id <= $2 and (select pg_sleep(0.02)
 }
 
 // backfillEnv makes the walk take a few seconds whatever the machine: short batches and a
-// pause between them.
+// pause between them. On a loaded machine the sizer shrinks batches to their floor and the walk
+// takes a minute or more: the waits for progress and completion below are hang guards of a few
+// minutes, not bounds on the machine's speed.
 var backfillEnv = []string{"LANES_BATCH_TARGET=50ms", "LANES_BATCH_PAUSE=30ms"}
 
 // walked returns the committed progress of the slow lane's walk (0 before it starts).
@@ -73,7 +75,7 @@ func TestFaultBackfillSigkillResumesExactlyOnce(t *testing.T) {
 	testkit.Eventually(t, "replica a ready", 60*time.Second, a.ready)
 	b := startReplica(t, "b", dbURL, dir, backfillEnv...)
 	testkit.Eventually(t, "replica b ready", 60*time.Second, b.ready)
-	testkit.Eventually(t, "a quarter walked", 60*time.Second, func() bool { return walked(t, conn) >= backfillRows/4 })
+	testkit.Eventually(t, "a quarter walked", 3*time.Minute, func() bool { return walked(t, conn) >= backfillRows/4 })
 	applier, other := a, b
 	if k, _ := b.knows("slow"); k.Role == "applying" {
 		applier, other = b, a
@@ -84,7 +86,7 @@ func TestFaultBackfillSigkillResumesExactlyOnce(t *testing.T) {
 	if atKill >= backfillRows {
 		t.Fatalf("the walk finished before the kill (%d rows); make it longer", atKill)
 	}
-	testkit.Eventually(t, "the other replica finishes the lane", 90*time.Second, func() bool {
+	testkit.Eventually(t, "the other replica finishes the lane", 4*time.Minute, func() bool {
 		k, ok := other.knows("slow")
 		return ok && k.Done
 	})
@@ -108,12 +110,12 @@ func TestFaultBackfillSurvivesServerRestart(t *testing.T) {
 	func() {
 		conn := pgtest.Connect(t, dbURL)
 		defer conn.Close(t.Context())
-		testkit.Eventually(t, "a quarter walked", 60*time.Second, func() bool { return walked(t, conn) >= backfillRows/4 })
+		testkit.Eventually(t, "a quarter walked", 3*time.Minute, func() bool { return walked(t, conn) >= backfillRows/4 })
 	}()
 	if err := c.Restart(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	testkit.Eventually(t, "the lane done after the restart", 120*time.Second, func() bool {
+	testkit.Eventually(t, "the lane done after the restart", 4*time.Minute, func() bool {
 		k, ok := r.knows("slow")
 		return ok && k.Done
 	})
@@ -138,7 +140,7 @@ func TestFaultBackfillPauseSurvivesRestart(t *testing.T) {
 	conn := pgtest.Connect(t, dbURL)
 	r1 := startReplica(t, "r1", dbURL, dir, backfillEnv...)
 	testkit.Eventually(t, "replica ready", 60*time.Second, r1.ready)
-	testkit.Eventually(t, "a tenth walked", 60*time.Second, func() bool { return walked(t, conn) >= backfillRows/10 })
+	testkit.Eventually(t, "a tenth walked", 3*time.Minute, func() bool { return walked(t, conn) >= backfillRows/10 })
 	if run := runLanes(t, env, "pause", "--lane", "slow"); run.code != 0 {
 		t.Fatalf("lanes pause: %s", run)
 	}
@@ -177,7 +179,7 @@ func TestFaultBackfillPauseSurvivesRestart(t *testing.T) {
 	if run := runLanes(t, env, "resume", "--lane", "slow"); run.code != 0 {
 		t.Fatalf("lanes resume: %s", run)
 	}
-	testkit.Eventually(t, "the lane done after resume", 60*time.Second, func() bool {
+	testkit.Eventually(t, "the lane done after resume", 4*time.Minute, func() bool {
 		k, ok := r2.knows("slow")
 		return ok && k.Done
 	})
@@ -233,7 +235,7 @@ func TestFaultBackfillThrottledByStandbyLag(t *testing.T) {
 	if _, err := sconn.Exec(t.Context(), "select pg_wal_replay_resume()"); err != nil {
 		t.Fatal(err)
 	}
-	testkit.Eventually(t, "the lane done once replay resumed", 90*time.Second, func() bool {
+	testkit.Eventually(t, "the lane done once replay resumed", 4*time.Minute, func() bool {
 		k, ok := r.knows("slow")
 		return ok && k.Done
 	})

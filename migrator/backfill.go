@@ -101,7 +101,7 @@ func (w *walk) open(ctx context.Context) error {
 	case err == nil:
 		w.upper = upper
 		w.total = deref64(total)
-		w.sz = newSizer(max(1, batchSize), w.m.cfg.Batch.Target)
+		w.sz = resumeSizer(w.b.size, batchSize, w.m.cfg.Batch.Target)
 		if checksum != w.mig.Checksum {
 			w.log.Warn().Msg("the batched migration changed since its walk started; continuing the walk from its last committed batch with the new file")
 			if _, err := w.conn.Exec(ctx, "update "+w.m.progressTable().Quoted()+" set checksum = $3 where lane = $1 and version = $2", w.l.Name, w.mig.Version, w.mig.Checksum); err != nil {

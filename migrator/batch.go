@@ -227,6 +227,15 @@ func newSizer(start int, target time.Duration) *sizer {
 	return &sizer{size: start, target: target, min: max(1, start/10), max: 1_000_000}
 }
 
+// resumeSizer continues a walk whose last batch size was stored: from that size, with the floor
+// of the configured start (a walk that once shrank, on a loaded server or after a timeout, must
+// not keep a floor of a tenth of its smallest size across restarts).
+func resumeSizer(start, stored int, target time.Duration) *sizer {
+	s := newSizer(start, target)
+	s.size = max(s.min, min(stored, s.max))
+	return s
+}
+
 // observe records a batch of rows that took d and sets the next size.
 func (s *sizer) observe(rows int, d time.Duration) {
 	if rows <= 0 {

@@ -142,3 +142,13 @@ func TestSizer(t *testing.T) {
 		t.Fatalf("shrink below the floor: %d", s.size)
 	}
 }
+
+// A resumed walk keeps the floor of its configured start, whatever size it stopped at.
+func TestResumedSizerKeepsTheFloor(t *testing.T) {
+	if s := resumeSizer(200, 2, 50*time.Millisecond); s.size != 20 || s.min != 20 {
+		t.Errorf("resumed at 2 rows of a 200-row start: size %d, floor %d; want 20, 20", s.size, s.min)
+	}
+	if s := resumeSizer(200, 500, 50*time.Millisecond); s.size != 500 {
+		t.Errorf("resumed at 500 rows: size %d", s.size)
+	}
+}
