@@ -33,6 +33,10 @@ func withSetting(t *testing.T, dbURL, key, value string) string {
 		t.Fatal(err)
 	}
 	if key == "user" {
+		// A user in the query string (postgres:///db?host=/socket&user=x) wins over the userinfo.
+		q := u.Query()
+		q.Del("user")
+		u.RawQuery = q.Encode()
 		u.User = url.User(value)
 		return u.String()
 	}
