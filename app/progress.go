@@ -2,9 +2,7 @@ package app
 
 import (
 	"context"
-	"time"
 
-	"github.com/multilanes/lanes/internal/backoff"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -55,19 +53,5 @@ func (r *Runtime) setProgress(ev migrator.Event) {
 // waitForResume waits while the lane is paused (a resume is announced), re-checking after
 // TakeoverInterval in case the announcement was missed.
 func (r *Runtime) waitForResume(ctx context.Context, lane string) error {
-	t := time.NewTimer(backoff.Jitter(r.cfg.TakeoverInterval))
-	defer t.Stop()
-	for {
-		st, changed := r.laneStatus(lane)
-		if !st.Paused || st.Done() {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-t.C:
-			return nil
-		case <-changed:
-		}
-	}
+	return r.waitWhile(ctx, lane, func(st migrator.LaneStatus) bool { return st.Paused && !st.Done() })
 }

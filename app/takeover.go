@@ -61,11 +61,18 @@ func (r *Runtime) setLocked(lane string, locked bool, via string) {
 // waitForHolder waits while another session holds the lane's lock: until the listener reports
 // the lane done or its lock free, or TakeoverInterval passes, or ctx is done.
 func (r *Runtime) waitForHolder(ctx context.Context, lane string) error {
+	return r.waitWhile(ctx, lane, func(st migrator.LaneStatus) bool { return st.Locked && !st.Done() })
+}
+
+// waitWhile waits while hold is true of the lane's state: it re-checks on every change the
+// listener reports and returns when hold is false, after TakeoverInterval (jittered) in case a
+// change was missed, or with ctx's error.
+func (r *Runtime) waitWhile(ctx context.Context, lane string, hold func(migrator.LaneStatus) bool) error {
 	t := time.NewTimer(backoff.Jitter(r.cfg.TakeoverInterval))
 	defer t.Stop()
 	for {
 		st, changed := r.laneStatus(lane)
-		if st.Done() || !st.Locked {
+		if !hold(st) {
 			return nil
 		}
 		select {
