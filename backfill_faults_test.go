@@ -204,7 +204,9 @@ func TestFaultBackfillThrottledByStandbyLag(t *testing.T) {
 		t.Fatal(err)
 	}
 	conn := pgtest.Connect(t, dbURL)
-	r := startReplica(t, "r", dbURL, dir, append(backfillEnv, "LANES_MAX_REPLICATION_LAG=1s")...)
+	// A 300 ms pause between batches: on an idle machine the walk would otherwise end within the
+	// first second, before any lag the applier measures can exceed the 1 s bound.
+	r := startReplica(t, "r", dbURL, dir, append(backfillEnv, "LANES_MAX_REPLICATION_LAG=1s", "LANES_BATCH_PAUSE=300ms")...)
 	testkit.Eventually(t, "replica ready", 60*time.Second, r.ready)
 	var reason string
 	testkit.Eventually(t, "the walk throttled by the standby's lag", 60*time.Second, func() bool {
