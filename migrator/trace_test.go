@@ -1,12 +1,14 @@
 package migrator_test
 
 import (
+	"context"
+	"strings"
 	"sync"
 	"testing"
 	"testing/fstest"
 	"time"
 
-	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/jackc/pgx/v5"
 	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
@@ -35,6 +37,24 @@ func (tr *traced) trace() *migrator.Trace {
 	}
 }
 
+// lockTries is a pgx tracer that signals every finished lane lock attempt.
+type lockTries chan struct{}
+
+type lockTryKey struct{}
+
+func (c lockTries) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
+	return context.WithValue(ctx, lockTryKey{}, strings.Contains(d.SQL, "pg_try_advisory_lock"))
+}
+
+func (c lockTries) TraceQueryEnd(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryEndData) {
+	if try, _ := ctx.Value(lockTryKey{}).(bool); try && d.Err == nil {
+		select {
+		case c <- struct{}{}:
+		default:
+		}
+	}
+}
+
 func TestTraceReportsLockWaitAndMigrations(t *testing.T) {
 	t.Parallel()
 	cc, admin := setup(t)
@@ -44,6 +64,12 @@ func TestTraceReportsLockWaitAndMigrations(t *testing.T) {
 		"002_b.sql": testkit.File("create table b (i int);"),
 		"003_c.sql": testkit.File("select * from no_such_table;"),
 	}}
+	// The migrator's connections report each finished lock attempt, so the lock is released only
+	// after an attempt has found it held (pg_stat_activity shows the statement as soon as it is
+	// prepared, before it runs: releasing then let the migrator take the lock at its first try).
+	tried := make(lockTries, 64)
+	cc = cc.Copy()
+	cc.Tracer = tried
 	m := newMigrator(t, cc, lane)
 	key, err := m.LockKey(ctx, admin, "fast")
 	if err != nil {
@@ -58,13 +84,12 @@ func TestTraceReportsLockWaitAndMigrations(t *testing.T) {
 		_, err := m.Migrate(migrator.WithTrace(ctx, tr.trace()), "fast")
 		done <- err
 	}()
-	// Release the lock once the migrator has tried it and is waiting (idle between tries).
-	deadline := time.Now().Add(10 * time.Second)
-	for pgtest.Scalar[int](t, admin, "select count(*) from pg_stat_activity where pid <> pg_backend_pid() and datname = current_database() and state = 'idle' and query like '%pg_try_advisory_lock%'") == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the migrator never tried the lock")
-		}
-		time.Sleep(5 * time.Millisecond)
+	select {
+	case <-tried: // an attempt finished while the lock was held: it failed, and Migrate waits
+	case err := <-done:
+		t.Fatalf("Migrate returned before trying the lock: %v", err)
+	case <-ctx.Done():
+		t.Fatal("the migrator never tried the lock")
 	}
 	if _, err := admin.Exec(ctx, "select pg_advisory_unlock($1)", key); err != nil {
 		t.Fatal(err)
