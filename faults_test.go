@@ -43,7 +43,7 @@ import (
 
 // The intervals behind the documented bounds: the defaults of the code, not knobs of the tests.
 const (
-	// connCheckInterval is client_connection_check_interval, which migrator.PrepareConnConfig
+	// connCheckInterval is client_connection_check_interval, which internal/session.Prepare
 	// sets on every connection to PostgreSQL 14 or later: the server notices a killed client
 	// within it. PostgreSQL 13 has no such check: a killed client's session lives on until its
 	// running statement ends (see hasDeadClientCheck).

@@ -26,6 +26,7 @@ import (
 	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgcluster"
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/session"
 	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
@@ -457,7 +458,7 @@ where l.locktype = 'advisory' and l.granted and l.objsubid = 1
 // (PostgreSQL 14 and later), which the lanes processes then set.
 func hasDeadClientCheck(t *testing.T, conn *pgx.Conn) bool {
 	t.Helper()
-	return pgtest.Scalar[int](t, conn, "select current_setting('server_version_num')::int") >= migrator.DeadClientCheckVersion
+	return pgtest.Scalar[int](t, conn, "select current_setting('server_version_num')::int") >= session.DeadClientCheckVersion
 }
 
 // figure logs a measured figure in the greppable form the README's reliability section quotes:

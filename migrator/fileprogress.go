@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/multilanes/lanes/internal/session"
 )
 
 // fileSampleDelay is how long a migration that is not batched runs before the applier starts
@@ -78,7 +80,7 @@ func (m *Migrator) sampleOnce(ctx context.Context, sc *pgx.Conn, pid uint32, l *
 	)
 	// pg_stat_progress_copy exists from PostgreSQL 14 on.
 	copyProgress := ""
-	if v, err := ServerVersion(ctx, sc.PgConn()); err == nil && v >= 140000 {
+	if v, err := session.ServerVersion(ctx, sc.PgConn()); err == nil && v >= 140000 {
 		copyProgress = `
   union all select 5, lower(command) || ': ' || tuples_processed || ' tuples', 0, 0 from pg_stat_progress_copy where pid = $1`
 	}

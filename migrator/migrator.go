@@ -17,6 +17,7 @@ import (
 
 	"github.com/multilanes/lanes/internal/backoff"
 	"github.com/multilanes/lanes/internal/pgconnect"
+	"github.com/multilanes/lanes/internal/session"
 )
 
 // DefaultChannel is the channel a lane's completion is announced on.
@@ -75,7 +76,7 @@ type Migrator struct {
 // New loads and validates every lane (names, numbering, templates, UTF-8) before touching the
 // database; it returns a *LoadError for the first problem. Lanes are applied in the order
 // given, and blocking lanes must come before background ones. connConfig is copied and prepared
-// as PrepareConnConfig says: application_name lanes/<host>/<pid> when unset, and the session
+// as session.Prepare does: application_name lanes/<host>/<pid> when unset, and the session
 // settings the server supports set after connecting. On a server without
 // client_connection_check_interval (PostgreSQL 13) the Logger says once what that costs.
 func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error) {
@@ -111,7 +112,7 @@ func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error
 		cfg:     cfg,
 		pid:     int32(os.Getpid()),
 	}
-	m.connConfig = prepareConnConfig(connConfig, SessionHooks{NoDeadClientCheck: m.noDeadClientCheck, SetFailed: m.sessionSetFailed})
+	m.connConfig = session.Prepare(connConfig, session.Hooks{NoDeadClientCheck: m.noDeadClientCheck, SetFailed: m.sessionSetFailed})
 	for k := range m.connConfig.RuntimeParams {
 		m.userSet = append(m.userSet, strings.ToLower(k))
 	}
@@ -390,7 +391,7 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 }
 
 // Connect opens a dedicated connection for applying migrations, with the runtime parameters of
-// PrepareConnConfig. Cancelling the context of a call on it first asks the server to cancel the
+// session.Prepare. Cancelling the context of a call on it first asks the server to cancel the
 // running statement (so a transaction rolls back and the lane lock is released cleanly) and
 // breaks the connection only if the server has not answered within 5 seconds.
 func (m *Migrator) Connect(ctx context.Context) (*pgx.Conn, error) {

@@ -18,6 +18,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/session"
 	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
@@ -515,7 +516,7 @@ func TestDedicatedConnectionSettings(t *testing.T) {
 		if err := rows.Err(); err != nil {
 			t.Fatal(err)
 		}
-		if version >= migrator.DeadClientCheckVersion && settings["client_connection_check_interval"] != "1000" {
+		if version >= session.DeadClientCheckVersion && settings["client_connection_check_interval"] != "1000" {
 			t.Fatalf("%s: client_connection_check_interval = %q on server %d, want 1000", what, settings["client_connection_check_interval"], version)
 		}
 		if tcp && (settings["tcp_keepalives_idle"] != "10" || settings["tcp_keepalives_interval"] != "5" || settings["tcp_keepalives_count"] != "3") {
@@ -538,10 +539,10 @@ func TestDedicatedConnectionSettings(t *testing.T) {
 		t.Fatalf("history rows with the default application_name = %d, want 2", n)
 	}
 	said := strings.Count(logs.String(), "no client_connection_check_interval")
-	if version < migrator.DeadClientCheckVersion && said != 1 {
+	if version < session.DeadClientCheckVersion && said != 1 {
 		t.Fatalf("server %d: the missing dead-client check was said %d times, want once:\n%s", version, said, logs.String())
 	}
-	if version >= migrator.DeadClientCheckVersion && said != 0 {
+	if version >= session.DeadClientCheckVersion && said != 0 {
 		t.Fatalf("server %d has the dead-client check, log says otherwise:\n%s", version, logs.String())
 	}
 }
