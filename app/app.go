@@ -14,6 +14,7 @@ import (
 
 	"github.com/multilanes/lanes/internal/backoff"
 	"github.com/multilanes/lanes/internal/connerr"
+	"github.com/multilanes/lanes/internal/lanestate"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
 )
@@ -438,7 +439,7 @@ func (r *Runtime) WaitVersion(ctx context.Context, lane string, version int32) e
 		if st.Version >= version {
 			return nil
 		}
-		if f := migrator.BlockingFailure(info, st, version); f != nil {
+		if f := lanestate.BlockingFailure(info, st, version); f != nil {
 			return &FailedError{Lane: lane, Failure: *f, Err: st.Error}
 		}
 		select {

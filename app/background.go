@@ -9,6 +9,7 @@ import (
 
 	"github.com/multilanes/lanes/internal/backoff"
 	"github.com/multilanes/lanes/internal/connerr"
+	"github.com/multilanes/lanes/internal/lanestate"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -83,7 +84,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 		if st.Done() {
 			return nil
 		}
-		if migrator.BlockingFailure(l, st, l.Latest) != nil {
+		if lanestate.BlockingFailure(l, st, l.Latest) != nil {
 			// A permanent failure of this very file: retrying cannot help. Wait until another
 			// replica (a fixed deploy) moves the lane on.
 			select {

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -66,7 +67,7 @@ func newHints(every time.Duration) *hints {
 // a lane this binary does not have, calls for nothing; a progress announcement is stored as
 // the hint it is, without a query.
 func (r *Runtime) reactTo(n *pgconn.Notification) {
-	ev, err := migrator.ParseEvent(n.Payload)
+	ev, err := wire.Parse(n.Payload)
 	if err != nil {
 		r.log.Debug().Err(err).Int("bytes", len(n.Payload)).Msg("ignoring a notification that is not a lanes event")
 		return
@@ -78,13 +79,13 @@ func (r *Runtime) reactTo(n *pgconn.Notification) {
 	switch {
 	case ev.Progress != nil:
 		r.setProgress(ev)
-	case ev.State == migrator.EventFailed || ev.Control != "":
+	case ev.State == wire.Failed || ev.Control != "":
 		// A failure or an operator's control: the full status says what is true.
 		r.hints.pending[reaction{kind: reactStatus}] = true
 	default:
 		// A migration committed: only that lane's version changed.
 		r.hints.pending[reaction{lane: ev.Lane, kind: reactRead}] = true
-		if ev.State == migrator.EventReleased {
+		if ev.State == wire.Released {
 			// The applying session stopped and released the lock: see whether it is free, and
 			// if so, wake the waiting goroutine to take the lane over. A spoofed hint costs
 			// that one statement on the listener's connection, not a session.

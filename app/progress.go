@@ -3,6 +3,8 @@ package app
 import (
 	"context"
 
+	"github.com/multilanes/lanes/internal/lanestate"
+	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -31,7 +33,7 @@ func (r *Runtime) Paused(lane string) bool {
 }
 
 // setProgress stores a progress announcement. A hint for a version already applied is stale.
-func (r *Runtime) setProgress(ev migrator.Event) {
+func (r *Runtime) setProgress(ev wire.Event) {
 	info, _ := r.m.Lane(ev.Lane)
 	file := ""
 	if ev.Version >= 1 && int(ev.Version) <= len(info.Migrations) {
@@ -43,7 +45,7 @@ func (r *Runtime) setProgress(ev migrator.Event) {
 	if ev.Version <= s.status.Version {
 		return
 	}
-	p := ev.Progress.Progress(ev.Lane, ev.Version, file, r.cfg.Now())
+	p := lanestate.Progress(*ev.Progress, ev.Lane, ev.Version, file, r.cfg.Now())
 	if old := s.status.Progress; old != nil && old.Version == ev.Version {
 		p.StartedAt, p.BatchSize, p.Health = old.StartedAt, old.BatchSize, old.Health
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/multilanes/lanes/app"
 	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -275,7 +276,7 @@ func BenchmarkBackfill(b *testing.B) {
 				if err != nil {
 					return
 				}
-				if ev, err := migrator.ParseEvent(nt.Payload); err == nil && ev.Progress != nil {
+				if ev, err := wire.Parse(nt.Payload); err == nil && ev.Progress != nil {
 					hints.Add(1)
 				}
 			}

@@ -323,7 +323,7 @@ func (w *walk) batch(ctx context.Context) (fin bool, err error) {
 	}
 	announce := now.Sub(w.lastAnnounce) >= announceEvery
 	if announce {
-		if _, err = tx.Exec(ctx, "select pg_notify($1, $2)", w.m.cfg.Channel, w.event(w.done+n).payload()); err != nil {
+		if _, err = tx.Exec(ctx, "select pg_notify($1, $2)", w.m.cfg.Channel, w.event(w.done+n).Payload()); err != nil {
 			return false, w.m.wrap(mig, statement{}, fmt.Errorf("announce progress: %w", err))
 		}
 	}
@@ -368,8 +368,8 @@ func (w *walk) pausedErr() error {
 }
 
 // event is the progress notification at done.
-func (w *walk) event(done int64) Event {
-	return Event{Lane: w.l.Name, Version: w.mig.Version, Progress: &ProgressHint{Done: done, Total: w.total, Rate: math.Round(w.rate*10) / 10, Throttled: w.throttled}}
+func (w *walk) event(done int64) event {
+	return event{Lane: w.l.Name, Version: w.mig.Version, Progress: &progressHint{Done: done, Total: w.total, Rate: math.Round(w.rate*10) / 10, Throttled: w.throttled}}
 }
 
 // progress is the walk's progress as the applier knows it.
@@ -440,7 +440,7 @@ func (w *walk) setThrottled(ctx context.Context, reason string) {
 	_, err := w.conn.Exec(ctx, "update "+w.m.progressTable().Quoted()+" set throttled = $3, health = $4, updated_at = $5 where lane = $1 and version = $2; ",
 		w.l.Name, w.mig.Version, reason, w.health, w.m.cfg.Now())
 	if err == nil {
-		_, err = w.conn.Exec(ctx, "select pg_notify($1, $2)", w.m.cfg.Channel, w.event(w.done).payload())
+		_, err = w.conn.Exec(ctx, "select pg_notify($1, $2)", w.m.cfg.Channel, w.event(w.done).Payload())
 	}
 	if err != nil && ctx.Err() == nil {
 		w.log.Warn().Err(err).Msg("could not record the throttle")

@@ -15,6 +15,7 @@ import (
 
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/internal/testkit"
+	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -71,7 +72,7 @@ func TestBatchedFileVisitsEveryRowOnce(t *testing.T) {
 		if err != nil {
 			t.Fatalf("no completion notification: %v", err)
 		}
-		ev, err := migrator.ParseEvent(n.Payload)
+		ev, err := wire.Parse(n.Payload)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -82,7 +83,7 @@ func TestBatchedFileVisitsEveryRowOnce(t *testing.T) {
 			}
 			continue
 		}
-		if ev.Lane != "slow" || ev.Version != 1 || ev.State != migrator.EventDone || !sawProgress {
+		if ev.Lane != "slow" || ev.Version != 1 || ev.State != wire.Done || !sawProgress {
 			t.Fatalf("event %+v (progress seen: %v)", ev, sawProgress)
 		}
 		break

@@ -48,7 +48,7 @@ func (m *Migrator) setPaused(ctx context.Context, conn *pgx.Conn, lane string, p
 on conflict (lane) do update set paused = excluded.paused, updated_at = now()`, lane, paused); err != nil {
 			return err
 		}
-		_, err := tx.Exec(ctx, "select pg_notify($1, $2)", m.cfg.Channel, Event{Lane: lane, Control: control}.payload())
+		_, err := tx.Exec(ctx, "select pg_notify($1, $2)", m.cfg.Channel, event{Lane: lane, Control: control}.Payload())
 		return err
 	})
 	if err != nil {
@@ -86,7 +86,7 @@ func (m *Migrator) Retry(ctx context.Context, conn *pgx.Conn, lane string) (bool
 on conflict (lane) do update set retry_from = excluded.retry_from, updated_at = now()`, lane, *id); err != nil {
 			return err
 		}
-		_, err = tx.Exec(ctx, "select pg_notify($1, $2)", m.cfg.Channel, Event{Lane: lane, Control: "retry"}.payload())
+		_, err = tx.Exec(ctx, "select pg_notify($1, $2)", m.cfg.Channel, event{Lane: lane, Control: "retry"}.Payload())
 		return err
 	})
 	if err != nil {

@@ -104,6 +104,6 @@ on conflict (lane, version) do update set file = excluded.file, checksum = exclu
   phase = excluded.phase, started_at = excluded.started_at, updated_at = excluded.updated_at, finished_at = null, cursor = '', batches = 0`,
 		l.Name, mig.Version, mig.Name, mig.Checksum, done, total, phase, start, now)
 	b.Queue("select pg_notify($1, $2)", m.cfg.Channel,
-		Event{Lane: l.Name, Version: mig.Version, Progress: &ProgressHint{Done: done, Total: total, Phase: phase, Elapsed: elapsed}}.payload())
+		event{Lane: l.Name, Version: mig.Version, Progress: &progressHint{Done: done, Total: total, Phase: phase, Elapsed: elapsed}}.Payload())
 	return sc.SendBatch(ctx, b).Close()
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/multilanes/lanes/internal/testkit"
+	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -47,7 +48,7 @@ func TestLongFileProgressSaysWhatTheServerKnows(t *testing.T) {
 		if err != nil {
 			t.Fatalf("no progress announced: %v", err)
 		}
-		ev, err := migrator.ParseEvent(n.Payload)
+		ev, err := wire.Parse(n.Payload)
 		if err == nil && ev.Progress != nil && strings.Contains(ev.Progress.Phase, "waiting for writers") {
 			break
 		}

@@ -9,6 +9,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/multilanes/lanes/internal/wire"
 )
 
 // record bumps the lane's version, writes the history row and, when due, notifies: one round
@@ -22,11 +24,11 @@ func (m *Migrator) record(ctx context.Context, tx pgx.Tx, l *loadedLane, mig *Mi
 values ($1, $2, $3, $4, $5, $6, $7, $8, $9)`, l.Name, mig.Version, mig.Name, mig.Checksum, start, m.cfg.Now(), m.host, m.pid, m.appName)
 	last := mig.Version == l.latest()
 	if last || l.Mode == Background {
-		state := EventApplied
+		state := wire.Applied
 		if last {
-			state = EventDone
+			state = wire.Done
 		}
-		b.Queue("select pg_notify($1, $2)", m.cfg.Channel, Event{Lane: l.Name, Version: mig.Version, State: state, File: mig.Name}.payload())
+		b.Queue("select pg_notify($1, $2)", m.cfg.Channel, event{Lane: l.Name, Version: mig.Version, State: state, File: mig.Name}.Payload())
 	}
 	// reset all also reset the session settings set after connecting (they are not startup
 	// parameters): set them again, unless the server refused them before.
@@ -70,7 +72,7 @@ values ($1, $2, $3, $4, $5, $6, $7, $8, $9)`, l.Name, mig.Version, mig.Name, mig
 // to announce after the lane's lock is released (nil when nothing was recorded): announced
 // earlier, replicas re-reading the lane would still see it locked and could not tell a failed
 // lane from a running one.
-func (m *Migrator) recordFailure(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration, start time.Time, cause error) *Event {
+func (m *Migrator) recordFailure(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration, start time.Time, cause error) *event {
 	log := m.cfg.Logger.Error()
 	if ctx.Err() != nil || IsTransient(cause) {
 		log = m.cfg.Logger.Warn() // a stop, a lost connection, a failover: it runs again
@@ -100,7 +102,7 @@ values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`, l.Name, mig.Version
 		m.cfg.Logger.Warn().Err(err).Str("lane", l.Name).Msg("could not record the failure in the history table")
 		return nil
 	}
-	return &Event{Lane: l.Name, Version: mig.Version, State: EventFailed, File: mig.Name}
+	return &event{Lane: l.Name, Version: mig.Version, State: wire.Failed, File: mig.Name}
 }
 
 // The bounds of what a failed attempt stores in the history table (and so what a status read

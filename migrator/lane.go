@@ -17,6 +17,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/tern/v2/migrate"
+
+	"github.com/multilanes/lanes/internal/wire"
 )
 
 // Mode says when a lane is applied.
@@ -158,7 +160,7 @@ type Migration struct {
 func (m *Migration) Batched() bool { return m.batch != nil }
 
 var (
-	laneNamePattern = regexp.MustCompile(`\A[a-z][a-z0-9_]{0,39}\z`)
+	laneNamePattern = wire.LaneName
 	fileNamePattern = regexp.MustCompile(`\A(\d+)_(.+)\.sql\z`)
 	disableTxMarker = regexp.MustCompile(`(?m)^---- tern: disable-tx ----$`)
 	goNamePattern   = regexp.MustCompile(`\A[A-Za-z0-9_]+\z`)

@@ -18,6 +18,7 @@ import (
 	"github.com/multilanes/lanes/internal/backoff"
 	"github.com/multilanes/lanes/internal/pgconnect"
 	"github.com/multilanes/lanes/internal/session"
+	"github.com/multilanes/lanes/internal/wire"
 )
 
 // DefaultChannel is the channel a lane's completion is announced on.
@@ -312,7 +313,7 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 			return done(v)
 		}
 	}
-	var failure *Event // announced once the lock is released, see recordFailure
+	var failure *event // announced once the lock is released, see recordFailure
 	defer func() {
 		if uerr := lock.unlock(ctx); uerr != nil {
 			m.cfg.Logger.Warn().Err(uerr).Str("lane", name).Msg("could not release the lane lock; closing the connection releases it")
@@ -327,7 +328,7 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 		case err != nil && ctx.Err() != nil:
 			// Stopped halfway: tell the replicas waiting for this lane that its lock is free,
 			// so they need not wait for their next check to take it over.
-			m.announce(ctx, conn, Event{Lane: name, Version: res.To, State: EventReleased})
+			m.announce(ctx, conn, event{Lane: name, Version: res.To, State: wire.Released})
 		}
 	}()
 

@@ -20,6 +20,7 @@ import (
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/internal/session"
 	"github.com/multilanes/lanes/internal/testkit"
+	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -279,7 +280,7 @@ func TestFailedMigrationRollsBackAndIsReported(t *testing.T) {
 		t.Fatalf("status = %+v %+v", st[0], st[0].Failure)
 	}
 	// Listeners heard the successful first migration and then the failure.
-	var events []migrator.Event
+	var events []wire.Event
 	for len(events) < 2 {
 		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		n, err := conn.WaitForNotification(wctx)
@@ -287,14 +288,14 @@ func TestFailedMigrationRollsBackAndIsReported(t *testing.T) {
 		if err != nil {
 			t.Fatalf("after %d events: %v", len(events), err)
 		}
-		ev, err := migrator.ParseEvent(n.Payload)
+		ev, err := wire.Parse(n.Payload)
 		if err != nil {
 			t.Fatal(err)
 		}
 		events = append(events, ev)
 	}
-	if events[0] != (migrator.Event{Lane: "slow", Version: 1, State: migrator.EventApplied, File: "001_ok.sql"}) ||
-		events[1] != (migrator.Event{Lane: "slow", Version: 2, State: migrator.EventFailed, File: "002_bad.sql"}) {
+	if events[0] != (wire.Event{Lane: "slow", Version: 1, State: wire.Applied, File: "001_ok.sql"}) ||
+		events[1] != (wire.Event{Lane: "slow", Version: 2, State: wire.Failed, File: "002_bad.sql"}) {
 		t.Fatalf("events = %+v", events)
 	}
 	// A fixed file continues from version 1.
@@ -324,8 +325,8 @@ func TestCompletionNotifiesInTheSameTransaction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev, err := migrator.ParseEvent(n.Payload)
-	if err != nil || ev != (migrator.Event{Lane: "fast", Version: 2, State: migrator.EventDone, File: "002_insert.sql"}) {
+	ev, err := wire.Parse(n.Payload)
+	if err != nil || ev != (wire.Event{Lane: "fast", Version: 2, State: wire.Done, File: "002_insert.sql"}) {
 		t.Fatalf("event = %+v, %v (payload %s)", ev, err, n.Payload)
 	}
 	// A blocking lane notifies only at its end: no second notification is pending.

@@ -8,6 +8,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/multilanes/lanes/internal/wire"
 )
 
 // HistoryEntry is one row of the history table: an applied migration, a failed attempt, or a
@@ -159,9 +161,9 @@ where l.locktype = 'advisory' and l.granted and l.database = (select oid from pg
 		name, checksum = l.migrations[version-1].Name, l.migrations[version-1].Checksum
 	}
 	now := m.cfg.Now()
-	state := EventApplied
+	state := wire.Applied
 	if version >= l.latest() {
-		state = EventDone
+		state = wire.Done
 	}
 	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "alter table "+m.history.Quoted()+" add column if not exists forced_from int4"); err != nil {
@@ -177,7 +179,7 @@ where l.locktype = 'advisory' and l.granted and l.database = (select oid from pg
 values ($1, $2, $3, $4, $5, $5, $6, $7, $8, $9)`, lane, version, name, checksum, now, m.host, m.pid, m.appName, from); err != nil {
 			return err
 		}
-		_, err := tx.Exec(ctx, "select pg_notify($1, $2)", m.cfg.Channel, Event{Lane: lane, Version: version, State: state, File: name}.payload())
+		_, err := tx.Exec(ctx, "select pg_notify($1, $2)", m.cfg.Channel, event{Lane: lane, Version: version, State: state, File: name}.Payload())
 		return err
 	})
 	if err != nil {

@@ -4,11 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/multilanes/lanes/internal/wire"
 )
 
 // DefaultProgressTable and DefaultControlTable are the names of the tables holding batched
@@ -57,38 +58,7 @@ type Progress struct {
 
 // fill computes Percent and ETASeconds from Done, Total and RatePerS.
 func (p *Progress) fill() {
-	p.Percent, p.ETASeconds = nil, nil
-	if p.Total > 0 {
-		pct := math.Min(99.9, 100*float64(p.Done)/float64(p.Total))
-		pct = math.Round(pct*10) / 10
-		p.Percent = &pct
-		if p.RatePerS > 0 {
-			eta := math.Round(float64(max(0, p.Total-p.Done)) / p.RatePerS)
-			p.ETASeconds = &eta
-		}
-	}
-}
-
-// ProgressHint is the progress part of a notification: small, and a hint like every payload.
-type ProgressHint struct {
-	Done      int64   `json:"done"`
-	Total     int64   `json:"total"`
-	Rate      float64 `json:"rate,omitempty"`
-	Throttled string  `json:"throttled,omitempty"`
-	// Phase and Elapsed (seconds) are set for a migration that is not batched.
-	Phase   string  `json:"phase,omitempty"`
-	Elapsed float64 `json:"elapsed,omitempty"`
-}
-
-// Progress returns the progress a notification announced, for lane l, at time at.
-func (h ProgressHint) Progress(lane string, version int32, file string, at time.Time) *Progress {
-	p := &Progress{Lane: lane, Version: version, File: file, Done: h.Done, Total: h.Total, RatePerS: h.Rate, Throttled: h.Throttled, Phase: h.Phase, UpdatedAt: at}
-	if h.Phase != "" {
-		e := h.Elapsed
-		p.ElapsedSeconds = &e
-	}
-	p.fill()
-	return p
+	p.Percent, p.ETASeconds = wire.PercentETA(p.Done, p.Total, p.RatePerS)
 }
 
 // sideTable returns a table named name in the schema of the history table.

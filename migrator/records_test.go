@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/internal/testkit"
+	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -47,12 +48,12 @@ func TestFailureIsAnnouncedWithoutItsText(t *testing.T) {
 	}
 	// Earlier releases' payloads are still understood.
 	for payload, state := range map[string]string{
-		`{"lane":"fast","version":2,"done":true}`:     migrator.EventDone,
-		`{"lane":"fast","version":2,"error":"boom"}`:  migrator.EventFailed,
-		`{"lane":"fast","version":2,"released":true}`: migrator.EventReleased,
-		`{"lane":"fast","version":2}`:                 migrator.EventApplied,
+		`{"lane":"fast","version":2,"done":true}`:     wire.Done,
+		`{"lane":"fast","version":2,"error":"boom"}`:  wire.Failed,
+		`{"lane":"fast","version":2,"released":true}`: wire.Released,
+		`{"lane":"fast","version":2}`:                 wire.Applied,
 	} {
-		if ev, err := migrator.ParseEvent(payload); err != nil || ev.State != state || ev.Lane != "fast" || ev.Version != 2 {
+		if ev, err := wire.Parse(payload); err != nil || ev.State != state || ev.Lane != "fast" || ev.Version != 2 {
 			t.Errorf("ParseEvent(%s) = %+v, %v; want state %s", payload, ev, err, state)
 		}
 	}

@@ -190,19 +190,3 @@ func deref(s *string) string {
 	}
 	return *s
 }
-
-// BlockingFailure returns the recorded failure that stops lane l from reaching version want, or
-// nil: a permanent failure of the lane's very next migration that no session is retrying right
-// now (nobody holds the lane's lock), of a file this binary would run unchanged (same checksum)
-// or does not know. A failure of a file this binary has changed does not block: this binary's
-// deploy is the fix and will retry it.
-func BlockingFailure(l LaneInfo, st LaneStatus, want int32) *Failure {
-	f := st.Failure
-	if f == nil || f.Transient || st.Locked || f.Version != st.Version+1 || f.Version > want {
-		return nil
-	}
-	if int(f.Version) <= len(l.Migrations) && l.Migrations[f.Version-1].Checksum != f.Checksum {
-		return nil
-	}
-	return f
-}

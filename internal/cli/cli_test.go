@@ -19,6 +19,7 @@ import (
 	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/internal/testkit"
+	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -519,7 +520,7 @@ func TestChannelFlag(t *testing.T) {
 	if err != nil {
 		t.Fatalf("no notification on my_channel: %v", err)
 	}
-	if ev, err := migrator.ParseEvent(n.Payload); err != nil || ev.Lane != "slow" {
+	if ev, err := wire.Parse(n.Payload); err != nil || ev.Lane != "slow" {
 		t.Errorf("notification %q: %+v %v", n.Payload, ev, err)
 	}
 }

@@ -10,6 +10,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/multilanes/lanes/internal/lanestate"
+	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
 )
@@ -75,7 +78,7 @@ func runWait(ctx context.Context, c *command, lane string, version int, timeout 
 	updates := make(chan migrator.LaneStatus, 1)
 	handler := func(ctx context.Context, conn *pgx.Conn, n *pgconn.Notification) error {
 		if n != nil {
-			if _, err := migrator.ParseEvent(n.Payload); err != nil {
+			if _, err := wire.Parse(n.Payload); err != nil {
 				return nil // not a lanes event: nothing to re-read
 			}
 		}
@@ -126,7 +129,7 @@ func runWait(ctx context.Context, c *command, lane string, version int, timeout 
 					Float64("waited_s", c.env.now().Sub(start).Seconds()).Msg("lane reached the version")
 				return nil
 			}
-			if f := migrator.BlockingFailure(info, st, want); f != nil {
+			if f := lanestate.BlockingFailure(info, st, want); f != nil {
 				return fmt.Errorf("lane %q cannot reach version %d: recorded permanent failure of %s (fix the migration and deploy again): %s",
 					lane, want, f.File, oneLine(st.Error))
 			}

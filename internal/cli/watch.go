@@ -8,6 +8,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/multilanes/lanes/internal/lanestate"
+	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
 )
@@ -37,14 +39,14 @@ func runWatch(ctx context.Context, c *command, m *migrator.Migrator) error {
 		mu.Lock()
 		defer mu.Unlock()
 		if n != nil {
-			if ev, err := migrator.ParseEvent(n.Payload); err == nil && ev.Progress != nil {
+			if ev, err := wire.Parse(n.Payload); err == nil && ev.Progress != nil {
 				for i := range lanes {
 					if lanes[i].Name == ev.Lane && ev.Version == lanes[i].Version+1 {
 						file := ""
 						if lanes[i].Progress != nil {
 							file = lanes[i].Progress.File
 						}
-						lanes[i].Progress = ev.Progress.Progress(ev.Lane, ev.Version, file, c.env.now())
+						lanes[i].Progress = lanestate.Progress(*ev.Progress, ev.Lane, ev.Version, file, c.env.now())
 						if lanes[i].State == migrator.StatePending || lanes[i].State == migrator.StateFailed {
 							lanes[i].State, lanes[i].Locked = migrator.StateRunning, true // someone applies it
 						}
