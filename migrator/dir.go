@@ -16,47 +16,14 @@ type LaneDecl struct {
 	VersionTable string // default: lanes_<name>_version
 }
 
-// DefaultLaneDecls are used when no lanes are declared: "fast" (blocking) then "slow"
-// (background).
-var DefaultLaneDecls = []LaneDecl{{Name: "fast", Mode: Blocking}, {Name: "slow", Mode: Background}}
-
-// ParseLaneDecls parses a comma-separated list of name:mode[:version_table] entries, such as
-// "fast:blocking,slow:background,reports:background:ops.reports_version". The mode may be
-// omitted for the default names (fast is blocking, slow background). An empty string returns
-// nil.
-func ParseLaneDecls(s string) ([]LaneDecl, error) {
-	if strings.TrimSpace(s) == "" {
-		return nil, nil
-	}
-	var out []LaneDecl
-	for _, part := range strings.Split(s, ",") {
-		name, mode, hasMode := strings.Cut(strings.TrimSpace(part), ":")
-		mode, table, _ := strings.Cut(mode, ":")
-		d := LaneDecl{Name: name, VersionTable: table}
-		switch {
-		case hasMode:
-			m, err := ParseMode(mode)
-			if err != nil {
-				return nil, fmt.Errorf("lane %q: %w", name, err)
-			}
-			d.Mode = m
-		case name == "fast":
-			d.Mode = Blocking
-		case name == "slow":
-			d.Mode = Background
-		default:
-			return nil, fmt.Errorf("lane %q: give its mode as %s:blocking or %s:background", name, name, name)
-		}
-		if !laneNamePattern.MatchString(d.Name) {
-			return nil, fmt.Errorf("invalid lane name %q: use lower-case letters, digits and underscores, starting with a letter", d.Name)
-		}
-		out = append(out, d)
-	}
-	return out, nil
+// DefaultLaneDecls returns the lanes used when none are declared: "fast" (blocking) then
+// "slow" (background).
+func DefaultLaneDecls() []LaneDecl {
+	return []LaneDecl{{Name: "fast", Mode: Blocking}, {Name: "slow", Mode: Background}}
 }
 
 // LanesFromFS returns one Lane per declared lane, each reading the subfolder of fsys named
-// after it. With no declarations it uses DefaultLaneDecls for the folders that exist. A
+// after it. With no declarations it uses DefaultLaneDecls() for the folders that exist. A
 // subfolder that no declaration names is an error (a misspelt lane must not be skipped
 // silently), and so is a declared lane without its folder.
 func LanesFromFS(fsys fs.FS, decls []LaneDecl) ([]Lane, error) {
@@ -71,7 +38,7 @@ func LanesFromFS(fsys fs.FS, decls []LaneDecl) ([]Lane, error) {
 		}
 	}
 	if len(decls) == 0 {
-		for _, d := range DefaultLaneDecls {
+		for _, d := range DefaultLaneDecls() {
 			if slices.Contains(folders, d.Name) {
 				decls = append(decls, d)
 			}

@@ -161,23 +161,12 @@ func TestLanesFromFS(t *testing.T) {
 	if _, err := LanesFromFS(fsys, nil); err == nil || !strings.Contains(err.Error(), `"reports"`) {
 		t.Fatalf("undeclared folder: err = %v", err)
 	}
-	decls, err := ParseLaneDecls("fast, slow, reports:background")
-	if err != nil {
-		t.Fatal(err)
-	}
+	decls := []LaneDecl{{Name: "fast", Mode: Blocking}, {Name: "slow", Mode: Background}, {Name: "reports", Mode: Background}}
 	if lanes, err = LanesFromFS(fsys, decls); err != nil || len(lanes) != 3 || lanes[2].Mode != Background {
 		t.Fatalf("declared lanes = %+v, %v", lanes, err)
 	}
 	if _, err := LanesFromFS(fsys, []LaneDecl{{Name: "fast"}, {Name: "slow", Mode: Background}, {Name: "reports", Mode: Background}, {Name: "nope", Mode: Background}}); err == nil || !strings.Contains(err.Error(), `no folder "nope"`) {
 		t.Fatalf("missing folder: err = %v", err)
-	}
-	if decls, err := ParseLaneDecls("fast:blocking:ops.fast_v,slow"); err != nil || decls[0].VersionTable != "ops.fast_v" || decls[1].VersionTable != "" {
-		t.Fatalf("version table in a declaration: %+v, %v", decls, err)
-	}
-	for _, bad := range []string{"reports", "x:sideways", "Bad:blocking"} {
-		if _, err := ParseLaneDecls(bad); err == nil {
-			t.Errorf("ParseLaneDecls(%q) accepted", bad)
-		}
 	}
 }
 
@@ -272,4 +261,21 @@ func goChecksumOfName(t *testing.T, name string) string {
 	t.Helper()
 	h := sha256.Sum256([]byte("go:" + name))
 	return hex.EncodeToString(h[:])
+}
+
+func TestLaneInfoMigrationsAreCopies(t *testing.T) {
+	cc, err := pgx.ParseConfig("postgres://nobody@localhost/none")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(cc, []Lane{{Name: "fast", FS: fstest.MapFS{"001_a.sql": testkit.File("create table a (i int);")}}}, Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, _ := m.Lane("fast")
+	info.Migrations[0].SQL = "drop table everything;"
+	info.Migrations[0] = nil
+	if again, _ := m.Lane("fast"); again.Migrations[0] == nil || again.Migrations[0].SQL != "create table a (i int);" {
+		t.Fatalf("a caller's change to LaneInfo.Migrations reached the Migrator: %+v", again.Migrations[0])
+	}
 }

@@ -151,7 +151,7 @@ type LaneInfo struct {
 	Mode         Mode
 	VersionTable string
 	Latest       int32        // the highest version known to this binary
-	Migrations   []*Migration // in version order; do not modify
+	Migrations   []*Migration // in version order; copies, so changing them changes nothing
 }
 
 // Lanes returns the lanes in order.
@@ -170,7 +170,12 @@ func (m *Migrator) Lane(name string) (LaneInfo, bool) {
 	if !ok {
 		return LaneInfo{}, false
 	}
-	return LaneInfo{Name: l.Name, Mode: l.Mode, VersionTable: l.table.String(), Latest: l.latest(), Migrations: l.migrations}, true
+	migrations := make([]*Migration, len(l.migrations))
+	for i, mig := range l.migrations {
+		c := *mig // a copy: what the caller changes never reaches what Migrate runs
+		migrations[i] = &c
+	}
+	return LaneInfo{Name: l.Name, Mode: l.Mode, VersionTable: l.table.String(), Latest: l.latest(), Migrations: migrations}, true
 }
 
 // Channel returns the NOTIFY channel.

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -34,7 +35,7 @@ func errNoMigrations(command string) error {
 // neither it is a usage error, and nothing is touched: the embedded demo migrations belong to
 // the demo command alone.
 func (c *command) laneSpecs() ([]migrator.Lane, error) {
-	decls, err := migrator.ParseLaneDecls(c.set.lanes)
+	decls, err := parseLaneDecls(c.set.lanes)
 	if err != nil {
 		return nil, usageErrorf("invalid lanes (--lanes or LANES_LANES): %w", err)
 	}
@@ -165,4 +166,39 @@ func laneNames(lanes []migrator.Lane) string {
 		names[i] = l.Name
 	}
 	return strings.Join(names, ", ")
+}
+
+// parseLaneDecls parses a comma-separated list of name:mode[:version_table] entries, such as
+// "fast:blocking,slow:background,reports:background:ops.reports_version". The mode may be
+// omitted for the default names (fast is blocking, slow background). An empty string returns
+// nil.
+func parseLaneDecls(s string) ([]migrator.LaneDecl, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	var out []migrator.LaneDecl
+	for _, part := range strings.Split(s, ",") {
+		name, mode, hasMode := strings.Cut(strings.TrimSpace(part), ":")
+		mode, table, _ := strings.Cut(mode, ":")
+		d := migrator.LaneDecl{Name: name, VersionTable: table}
+		switch {
+		case hasMode:
+			m, err := migrator.ParseMode(mode)
+			if err != nil {
+				return nil, fmt.Errorf("lane %q: %w", name, err)
+			}
+			d.Mode = m
+		case name == "fast":
+			d.Mode = migrator.Blocking
+		case name == "slow":
+			d.Mode = migrator.Background
+		default:
+			return nil, fmt.Errorf("lane %q: give its mode as %s:blocking or %s:background", name, name, name)
+		}
+		if !wire.LaneName.MatchString(d.Name) {
+			return nil, fmt.Errorf("invalid lane name %q: use lower-case letters, digits and underscores, starting with a letter", d.Name)
+		}
+		out = append(out, d)
+	}
+	return out, nil
 }

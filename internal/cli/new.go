@@ -62,12 +62,12 @@ func runNew(c *command, lane, title string) (string, error) {
 	} else if !st.IsDir() {
 		return "", fmt.Errorf("migrations folder (--migrations or LANES_MIGRATIONS) %s is not a folder", c.set.migrations)
 	}
-	decls, err := migrator.ParseLaneDecls(c.set.lanes)
+	decls, err := parseLaneDecls(c.set.lanes)
 	if err != nil {
 		return "", usageErrorf("invalid lanes (--lanes or LANES_LANES): %w", err)
 	}
 	if len(decls) == 0 {
-		decls = migrator.DefaultLaneDecls
+		decls = migrator.DefaultLaneDecls()
 	}
 	if !slices.ContainsFunc(decls, func(d migrator.LaneDecl) bool { return d.Name == lane }) {
 		var names []string
