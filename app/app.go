@@ -9,11 +9,11 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/internal/backoff"
 	"github.com/multilanes/lanes/internal/connerr"
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/internal/lanestate"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
@@ -73,7 +73,6 @@ type Runtime struct {
 	lanes []migrator.LaneInfo
 
 	listener *notifier.Listener
-	pool     *pgxpool.Pool
 	metrics  *metrics
 	trace    *migrator.Trace // feeds metrics from the migrator's calls
 	hints    *hints          // the listener's pending reactions to notifications
@@ -159,21 +158,14 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 		ncfg.Check = r.check
 	}
 	ncfg.Deferred = r.react
+	if ncfg.BeforeConnect == nil {
+		ncfg.BeforeConnect = engine.BeforeConnect(m)
+	}
 	l, err := notifier.New(m.ConnConfig(), ncfg, r.sync)
 	if err != nil {
 		return nil, fmt.Errorf("app: %w", err)
 	}
 	r.listener = l
-	// The pool serves Status; it connects on first use only.
-	pcfg, err := pgxpool.ParseConfig("")
-	if err != nil {
-		return nil, fmt.Errorf("app: %w", err)
-	}
-	pcfg.ConnConfig = m.ConnConfig()
-	pcfg.MaxConns, pcfg.MinConns, pcfg.MaxConnIdleTime = 2, 0, time.Minute
-	if r.pool, err = pgxpool.NewWithConfig(context.Background(), pcfg); err != nil {
-		return nil, fmt.Errorf("app: %w", err)
-	}
 	return r, nil
 }
 
@@ -359,9 +351,6 @@ func (r *Runtime) Close() error {
 		r.log.Error().Float64("close_timeout_s", r.cfg.CloseTimeout.Seconds()).Msgf("close: %s still running; giving up waiting", what)
 	}
 	r.listener.Stop()
-	if r.pool != nil {
-		r.pool.Close()
-	}
 	r.closeErr = errors.Join(errs...)
 	return r.closeErr
 }
@@ -510,8 +499,9 @@ func (r *Runtime) View() ReplicaView {
 	return v
 }
 
-// Status reads the lanes' state from the database, with drift (a few short queries on a small
-// pool of at most two connections, opened on first use) and adds this replica's view. It works before and
+// Status reads the lanes' state from the database, with drift (a few short queries on a
+// connection opened for the call and closed after it, so a replica holds no connection for
+// its status reads between them) and adds this replica's view. It works before and
 // during Start, so a readiness endpoint can show what a starting replica waits for.
 //
 // A lane version read here lower than the one this replica knows (and not merely stale) is a
@@ -519,7 +509,12 @@ func (r *Runtime) View() ReplicaView {
 // the replica's view.
 func (r *Runtime) Status(ctx context.Context) (Status, error) {
 	mark := r.readMark()
-	lanes, err := r.m.Status(ctx, r.pool)
+	conn, err := engine.Connect(ctx, r.m)
+	if err != nil {
+		return Status{Replica: r.View()}, fmt.Errorf("app: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	lanes, err := r.m.Status(ctx, conn)
 	if err == nil {
 		// Only a lane that moved backwards is taken from this read: what the replica learns
 		// otherwise comes from its listener and its own migrations (KnownLane.Via says which).
@@ -530,7 +525,7 @@ func (r *Runtime) Status(ctx context.Context) (Status, error) {
 			}
 		}
 		r.update(back, "status", mark)
-		err = r.m.AddDrift(ctx, r.pool, lanes)
+		err = r.m.AddDrift(ctx, conn, lanes)
 	}
 	st := Status{Replica: r.View()}
 	if err != nil {

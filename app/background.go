@@ -9,6 +9,7 @@ import (
 
 	"github.com/multilanes/lanes/internal/backoff"
 	"github.com/multilanes/lanes/internal/connerr"
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/internal/lanestate"
 	"github.com/multilanes/lanes/migrator"
 )
@@ -95,7 +96,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			}
 		}
 		if *conn == nil {
-			c, err := r.m.Connect(ctx)
+			c, err := engine.Connect(ctx, r.m)
 			if err != nil {
 				if ctx.Err() != nil {
 					return ctx.Err()
@@ -111,7 +112,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 		r.setRole(l.Name, "applying")
 		r.setMigrating(l.Name, true)
 		mark := r.readMark()
-		res, err := r.m.TryMigrateOn(migrator.WithTrace(ctx, r.trace), *conn, l.Name)
+		res, err := r.m.TryMigrate(engine.WithConn(migrator.WithTrace(ctx, r.trace), *conn), l.Name)
 		r.setMigrating(l.Name, false)
 		r.setRole(l.Name, "")
 		if (*conn).IsClosed() {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/internal/wire"
@@ -333,7 +334,7 @@ func TestPauseStopsAtTheNextBatchAndResumeContinues(t *testing.T) {
 	walk := func(ctx context.Context, tx pgx.Tx, lo, hi int64) error {
 		if calls.Add(1) == 3 {
 			// An operator pauses the lane while this batch runs: it still commits.
-			pc, err := m.Connect(ctx)
+			pc, err := engine.Connect(ctx, m)
 			if err != nil {
 				return err
 			}

@@ -33,7 +33,7 @@ func (m *Migrator) sampleFile(ctx context.Context, conn *pgx.Conn, l *loadedLane
 			return
 		case <-t.C:
 		}
-		sc, err := m.Connect(sctx)
+		sc, err := m.connect(sctx)
 		if err != nil {
 			m.cfg.Logger.Debug().Err(err).Str("lane", l.Name).Msg("cannot sample the migration's progress")
 			return

@@ -7,6 +7,7 @@ import (
 	"testing/fstest"
 	"time"
 
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
@@ -26,7 +27,7 @@ func TestLongFileProgressSaysWhatTheServerKnows(t *testing.T) {
 	if _, err := conn.Exec(ctx, "listen lanes_done"); err != nil {
 		t.Fatal(err)
 	}
-	writer, err := m.Connect(ctx)
+	writer, err := engine.Connect(ctx, m)
 	if err != nil {
 		t.Fatal(err)
 	}

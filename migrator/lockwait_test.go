@@ -8,6 +8,7 @@ import (
 	"testing/fstest"
 	"time"
 
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
@@ -24,7 +25,7 @@ func TestBatchedLockWaitsThrottleThenRetryLater(t *testing.T) {
 	sparseItems(t, conn, 300)
 	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{"001_visit.sql": testkit.File(countVisits)}}
 	m := batchedMigrator(t, cc, migrator.BatchConfig{Target: 20 * time.Millisecond, LockTimeout: 50 * time.Millisecond}, lane)
-	holder, err := m.Connect(ctx)
+	holder, err := engine.Connect(ctx, m)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/internal/backoff"
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/internal/pgconnect"
 	"github.com/multilanes/lanes/internal/session"
 	"github.com/multilanes/lanes/internal/wire"
@@ -48,6 +49,12 @@ type Config struct {
 	AllowDrift bool
 	// Batch tunes batched migrations (see BatchConfig for the defaults).
 	Batch BatchConfig
+	// BeforeConnect, when set, is called with a copy of the connection configuration before
+	// each connection the Migrator opens, and each one a Runtime (package app) built on it
+	// opens: it may change the copy, for example set Password to a fresh IAM authentication
+	// token of a managed database (RDS, Cloud SQL), or return an error to refuse the attempt.
+	// It must be safe for concurrent use.
+	BeforeConnect func(ctx context.Context, cc *pgx.ConnConfig) error
 }
 
 // Migrator applies lanes of migrations to one database. Each lane has its own version table
@@ -222,18 +229,14 @@ func (m *Migrator) TryMigrate(ctx context.Context, lane string) (Result, error) 
 	return m.run(ctx, lane, false)
 }
 
-// TryMigrateOn is TryMigrate on a connection from Connect that the caller keeps between calls,
-// for a replica that retries a lane's lock on a timer. The lane's lock is released before it
-// returns. conn must not be used by anything else meanwhile.
-func (m *Migrator) TryMigrateOn(ctx context.Context, conn *pgx.Conn, lane string) (Result, error) {
-	return m.runOn(ctx, conn, lane, false)
-}
-
 func (m *Migrator) run(ctx context.Context, name string, wait bool) (Result, error) {
 	if _, ok := m.byName[name]; !ok {
 		return Result{Lane: name}, fmt.Errorf("lane %q: %w", name, ErrUnknownLane)
 	}
-	conn, err := m.Connect(ctx)
+	if conn := engine.Conn(ctx); conn != nil {
+		return m.runOn(ctx, conn, name, wait)
+	}
+	conn, err := m.connect(ctx)
 	if err != nil {
 		return Result{Lane: name}, fmt.Errorf("lane %q: %w", name, err)
 	}
@@ -396,14 +399,26 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	return done(v)
 }
 
-// Connect opens a dedicated connection for applying migrations, with the runtime parameters of
-// session.Prepare. Cancelling the context of a call on it first asks the server to cancel the
+func init() {
+	engine.Connect = func(ctx context.Context, m any) (*pgx.Conn, error) { return m.(*Migrator).connect(ctx) }
+	engine.BeforeConnect = func(m any) func(context.Context, *pgx.ConnConfig) error {
+		return m.(*Migrator).cfg.BeforeConnect
+	}
+}
+
+// connect opens a dedicated connection for applying migrations, with the runtime parameters of
+// session.Prepare, after Config.BeforeConnect. Cancelling the context of a call on it first asks the server to cancel the
 // running statement (so a transaction rolls back and the lane lock is released cleanly) and
 // breaks the connection only if the server has not answered within 5 seconds.
-func (m *Migrator) Connect(ctx context.Context) (*pgx.Conn, error) {
+func (m *Migrator) connect(ctx context.Context) (*pgx.Conn, error) {
 	cfg := m.connConfig.Copy()
 	cfg.BuildContextWatcherHandler = func(pgConn *pgconn.PgConn) ctxwatch.Handler {
 		return &pgconn.CancelRequestContextWatcherHandler{Conn: pgConn, CancelRequestDelay: 0, DeadlineDelay: 5 * time.Second}
+	}
+	if m.cfg.BeforeConnect != nil {
+		if err := m.cfg.BeforeConnect(ctx, cfg); err != nil {
+			return nil, fmt.Errorf("connect: before connect: %w", err)
+		}
 	}
 	conn, err := pgconnect.Connect(ctx, cfg)
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/tern/v2/migrate"
 	"github.com/rs/zerolog"
 
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/internal/session"
 	"github.com/multilanes/lanes/internal/testkit"
@@ -524,7 +525,7 @@ func TestDedicatedConnectionSettings(t *testing.T) {
 			t.Fatalf("%s: keepalives over TCP = %v, want 10/5/3", what, settings)
 		}
 	}
-	mc, err := m.Connect(ctx)
+	mc, err := engine.Connect(ctx, m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -532,7 +533,7 @@ func TestDedicatedConnectionSettings(t *testing.T) {
 	check("after connect", mc)
 	// A migration's reset all must not drop the settings for the rest of the run: the session
 	// that applied the migrations still has them.
-	if _, err := m.TryMigrateOn(ctx, mc, "fast"); err != nil {
+	if _, err := m.TryMigrate(engine.WithConn(ctx, mc), "fast"); err != nil {
 		t.Fatal(err)
 	}
 	check("after migrating", mc)
@@ -557,7 +558,7 @@ func TestConnectionSettingsKeepTheUsers(t *testing.T) {
 	cc = cc.Copy()
 	cc.RuntimeParams = map[string]string{"application_name": "mine", "tcp_keepalives_count": "7"}
 	m := newMigrator(t, cc, migrator.Lane{Name: "fast", FS: twoFiles})
-	mc, err := m.Connect(ctx)
+	mc, err := engine.Connect(ctx, m)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -124,7 +124,7 @@ func (m *Migrator) Force(ctx context.Context, lane string, version int32) (int32
 	if version < 0 {
 		return 0, fmt.Errorf("lane %q: version %d: a version is 0 or more", lane, version)
 	}
-	conn, err := m.Connect(ctx)
+	conn, err := m.connect(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("lane %q: %w", lane, err)
 	}

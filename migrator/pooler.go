@@ -20,7 +20,7 @@ var ErrSharedSessions = errors.New("two connections got the same server session:
 // CheckSessions returns an error wrapping ErrSharedSessions. A pool busy with other clients can
 // give different sessions even in transaction mode, so a nil error is evidence, not proof. Run
 // it before applying lanes; it costs two short connections. A failure to connect is returned
-// as Connect returns it.
+// wrapped as the connection attempt returned it.
 func (m *Migrator) CheckSessions(ctx context.Context) error {
 	var pids [2]int32
 	var conns [2]*pgx.Conn
@@ -32,7 +32,7 @@ func (m *Migrator) CheckSessions(ctx context.Context) error {
 		}
 	}()
 	for i := range conns {
-		c, err := m.Connect(ctx)
+		c, err := m.connect(ctx)
 		if err != nil {
 			return err
 		}

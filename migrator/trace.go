@@ -30,7 +30,7 @@ type Trace struct {
 
 type traceKey struct{}
 
-// WithTrace returns a context carrying t: Migrate, TryMigrate and TryMigrateOn called with it
+// WithTrace returns a context carrying t: Migrate and TryMigrate called with it
 // report to t's hooks.
 func WithTrace(ctx context.Context, t *Trace) context.Context {
 	return context.WithValue(ctx, traceKey{}, t)

@@ -76,6 +76,11 @@ type Config struct {
 	ProbeTimeout time.Duration
 	// Logger receives connection changes. Default: no logging.
 	Logger zerolog.Logger
+	// BeforeConnect, when set, is called with a copy of the connection configuration before
+	// each connection attempt: it may change the copy (a fresh IAM authentication token as
+	// Password) or return an error to fail the attempt, which is retried with backoff like any.
+	// The app runtime sets it to its Migrator's Config.BeforeConnect when unset.
+	BeforeConnect func(ctx context.Context, cc *pgx.ConnConfig) error
 }
 
 func (c *Config) setDefaults() {
@@ -311,7 +316,14 @@ var errRelisten = errors.New("time to try LISTEN again")
 func (l *Listener) connect(ctx context.Context) (*pgx.Conn, bool, error) {
 	cctx, cancel := context.WithTimeout(ctx, l.cfg.PingTimeout)
 	defer cancel()
-	conn, err := pgconnect.Connect(cctx, l.connConfig)
+	cc := l.connConfig
+	if l.cfg.BeforeConnect != nil {
+		cc = cc.Copy()
+		if err := l.cfg.BeforeConnect(cctx, cc); err != nil {
+			return nil, false, fmt.Errorf("notifier: connect: before connect: %w", err)
+		}
+	}
+	conn, err := pgconnect.Connect(cctx, cc)
 	if err != nil {
 		return nil, false, fmt.Errorf("notifier: connect: %w", err)
 	}

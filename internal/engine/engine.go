@@ -1,0 +1,35 @@
+// Package engine carries what package migrator provides to the runtime, the command line and
+// the tests of this module without making it library API: connecting the way a Migrator does
+// and running a lane on a connection the caller keeps. Package migrator sets Connect when it is
+// initialised.
+package engine
+
+import (
+	"context"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Connect opens a connection the way m, a *migrator.Migrator, opens its own: its
+// BeforeConnect hook, its session settings, the next host of a multi-host URL when one answers
+// with a FATAL error. Set by package migrator.
+var Connect func(ctx context.Context, m any) (*pgx.Conn, error)
+
+// BeforeConnect returns the BeforeConnect hook of m, a *migrator.Migrator, or nil, for the
+// connections a Runtime opens on its own (the listener's). Set by package migrator.
+var BeforeConnect func(m any) func(context.Context, *pgx.ConnConfig) error
+
+type connKey struct{}
+
+// WithConn returns a context that makes a Migrator's TryMigrate run on conn instead of opening
+// a connection of its own, for a replica that retries a lane's lock on a timer. The lane's lock
+// is released before TryMigrate returns; conn must not be used by anything else meanwhile.
+func WithConn(ctx context.Context, conn *pgx.Conn) context.Context {
+	return context.WithValue(ctx, connKey{}, conn)
+}
+
+// Conn returns the connection WithConn put in ctx, or nil.
+func Conn(ctx context.Context) *pgx.Conn {
+	c, _ := ctx.Value(connKey{}).(*pgx.Conn)
+	return c
+}
