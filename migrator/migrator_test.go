@@ -181,6 +181,17 @@ func TestMigrateWaitsForHolderAndAppliesExactlyOnce(t *testing.T) {
 			return err
 		}}}}
 	const replicas = 5
+	// The replicas' connections report the lock attempts that end while the holder runs.
+	var mu sync.Mutex
+	waiting := map[*pgx.Conn]bool{}
+	cc = cc.Copy()
+	cc.Tracer = lockTries(func(c *pgx.Conn) {
+		if runs.Load() > 0 {
+			mu.Lock()
+			defer mu.Unlock()
+			waiting[c] = true
+		}
+	})
 	var wg sync.WaitGroup
 	results := make([]migrator.Result, replicas)
 	errs := make([]error, replicas)
@@ -192,12 +203,12 @@ func TestMigrateWaitsForHolderAndAppliesExactlyOnce(t *testing.T) {
 			results[i], errs[i] = m.Migrate(ctx, "slow")
 		}()
 	}
-	// Let them all reach the lock before the holder finishes.
-	deadline := time.Now().Add(10 * time.Second)
-	for runs.Load() == 0 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	time.Sleep(100 * time.Millisecond)
+	// Every other replica tries the lock, and finds it held, before the holder finishes.
+	testkit.Eventually(t, "every waiting replica tried the held lock", time.Minute, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(waiting) >= replicas-1
+	})
 	close(release)
 	wg.Wait()
 	applied := 0

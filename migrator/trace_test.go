@@ -38,8 +38,9 @@ func (tr *traced) trace() *migrator.Trace {
 	}
 }
 
-// lockTries is a pgx tracer that signals every finished lane lock attempt.
-type lockTries chan struct{}
+// lockTries is a pgx tracer that calls itself with the connection of every lane lock attempt
+// that has finished.
+type lockTries func(conn *pgx.Conn)
 
 type lockTryKey struct{}
 
@@ -47,12 +48,9 @@ func (c lockTries) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.Trace
 	return context.WithValue(ctx, lockTryKey{}, strings.Contains(d.SQL, "pg_try_advisory_lock"))
 }
 
-func (c lockTries) TraceQueryEnd(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryEndData) {
+func (c lockTries) TraceQueryEnd(ctx context.Context, conn *pgx.Conn, d pgx.TraceQueryEndData) {
 	if try, _ := ctx.Value(lockTryKey{}).(bool); try && d.Err == nil {
-		select {
-		case c <- struct{}{}:
-		default:
-		}
+		c(conn)
 	}
 }
 
@@ -68,9 +66,14 @@ func TestTraceReportsLockWaitAndMigrations(t *testing.T) {
 	// The migrator's connections report each finished lock attempt, so the lock is released only
 	// after an attempt has found it held (pg_stat_activity shows the statement as soon as it is
 	// prepared, before it runs: releasing then let the migrator take the lock at its first try).
-	tried := make(lockTries, 64)
+	tried := make(chan struct{}, 1)
 	cc = cc.Copy()
-	cc.Tracer = tried
+	cc.Tracer = lockTries(func(*pgx.Conn) {
+		select {
+		case tried <- struct{}{}:
+		default:
+		}
+	})
 	m := newMigrator(t, cc, lane)
 	key, err := m.LockKey(ctx, admin, "fast")
 	if err != nil {

@@ -159,7 +159,9 @@ func TestHalfOpenConnectionIsDetectedByPing(t *testing.T) {
 		ReconnectMin: 50 * time.Millisecond, ReconnectMax: 200 * time.Millisecond})
 	proxy.SetBlackhole(true) // packets vanish; no FIN, no RST
 	e.commit(1)              // the notification is stuck in the black hole
-	time.Sleep(time.Second)  // several ping intervals: the listener must have given up on the connection
+	testkit.Eventually(t, "the listener gives up on the half-open connection", time.Minute, func() bool {
+		return l.Delivery() != notifier.DeliveryListening
+	})
 	if v, _, _ := s.get(); v != 0 {
 		t.Fatal("state seen through a black hole")
 	}
