@@ -48,9 +48,10 @@ const (
 	// within it. PostgreSQL 13 has no such check: a killed client's session lives on until its
 	// running statement ends (see hasDeadClientCheck).
 	connCheckInterval = time.Second
-	// checkInterval is notifier.Config.PingInterval's default: every replica's listener checks
-	// this often, in place of its ping, whether the lock of a lane it waits for is free.
-	checkInterval = 5 * time.Second
+	// successorInterval is app.Config.SuccessorInterval's default: the designated successor of
+	// a lane (one of the replicas waiting for it) checks this often, on its listener's
+	// connection, whether the lane's lock is free.
+	successorInterval = time.Second
 	// reconnectMax is notifier.Config.ReconnectMax's default: the longest backoff between two
 	// reconnect attempts of a LISTEN connection.
 	reconnectMax = 5 * time.Second
@@ -61,10 +62,10 @@ const (
 )
 
 // takeoverBound is how long after a replica dies another one holds its lane: the server frees
-// the dead session's lock within connCheckInterval, and the survivors' listeners see it free at
-// their next check, at most checkInterval later (app.Config.TakeoverInterval, 1 minute by
-// default, is only a backstop).
-const takeoverBound = connCheckInterval + checkInterval + slack
+// the dead session's lock within connCheckInterval, and the lane's successor sees it free at its
+// next check, at most successorInterval later (app.Config.TakeoverInterval, 1 minute by default,
+// is only a backstop).
+const takeoverBound = connCheckInterval + successorInterval + slack
 
 // releasedBound is how long after a replica stopped by SIGTERM another one holds its lane: the
 // stopping replica announces that it released the lock, and the others try it at once.
@@ -274,8 +275,8 @@ func takeoverAfterSigkill(t *testing.T, through func(t *testing.T, dbURL string)
 	} else {
 		t.Logf("no dead-client check on this server: the killed statement had %s left to run", stmtLeft.Round(time.Millisecond))
 		figure(t, "takeover_after_sigkill_minus_statement_left", took-stmtLeft, takeoverBound)
-		if took-freed > checkInterval+slack {
-			t.Errorf("takeover %s after the lock was freed, want within %s", took-freed, checkInterval+slack)
+		if took-freed > successorInterval+slack {
+			t.Errorf("takeover %s after the lock was freed, want within %s", took-freed, successorInterval+slack)
 		}
 	}
 	if freed > freeBound {
@@ -408,8 +409,8 @@ create index concurrently big_idx on big (slow_key(i));`,
 	if deadCheck && took > takeoverBound {
 		t.Errorf("takeover after %s, want within %s", took, takeoverBound)
 	}
-	if !deadCheck && took-ended > checkInterval+slack {
-		t.Errorf("takeover %s after the killed session ended, want within %s", took-ended, checkInterval+slack)
+	if !deadCheck && took-ended > successorInterval+slack {
+		t.Errorf("takeover %s after the killed session ended, want within %s", took-ended, successorInterval+slack)
 	}
 	testkit.Eventually(t, "the survivor learns the slow lane is done", 60*time.Second, func() bool {
 		k, ok := survivor.knows("slow")

@@ -33,12 +33,26 @@ type Config struct {
 	// an operator's control calls for). A hint over the limit is not lost: its read runs when
 	// the limit allows, once for all the hints that arrived meanwhile. Default: 100ms.
 	HintInterval time.Duration
-	// TakeoverInterval bounds how long a replica waiting for another replica's background lane
-	// goes without trying the lane's lock itself (±20 % jitter). The usual way a waiting replica
-	// notices that the applying replica died is quicker and cheaper: the listener's periodic
-	// check (every Notifier.PingInterval, in place of its ping, on the listener's connection)
-	// sees the lane's lock free. Default: 1m.
+	// TakeoverInterval bounds how long the designated successor of a background lane (see
+	// SuccessorInterval) goes without trying the lane's lock itself (±20 % jitter), in case a
+	// change was missed; the other waiting replicas wait TakeoverInterval × the number of
+	// waiting replicas, so that the fleet as a whole tries about once per TakeoverInterval. The
+	// usual way a waiting replica notices that the applying replica died is quicker and cheaper:
+	// the successor's check sees the lane's lock free. Default: 1m.
 	TakeoverInterval time.Duration
+	// SuccessorInterval is how often the designated successor of a background lane checks, on
+	// its listener's connection, whether the lane's lock is free (one statement), so that it
+	// takes the lane over within about client_connection_check_interval + SuccessorInterval
+	// after the applying replica dies. Of all the replicas waiting for a lane only one, chosen
+	// through the database (an advisory key on its listener's connection), is the successor:
+	// the cost does not grow with the number of replicas. Default: 1s.
+	SuccessorInterval time.Duration
+	// FleetInterval paces the waiting replicas that are not a lane's successor: each tries to
+	// become the successor every FleetInterval × the number of waiting replicas (at least every
+	// Notifier.PingInterval), ±50 %, so that the fleet together tries about once per
+	// FleetInterval and a successor that died is replaced within a few FleetIntervals, whatever
+	// the number of replicas. Default: 4s.
+	FleetInterval time.Duration
 	// RetryMin and RetryMax bound the backoff between retries of a migration that failed with
 	// a transient error (serialization failure, deadlock, lock timeout, lost connection).
 	// Defaults: 1s and 1m.
@@ -74,8 +88,9 @@ type Runtime struct {
 
 	listener *notifier.Listener
 	metrics  *metrics
-	trace    *migrator.Trace // feeds metrics from the migrator's calls
-	hints    *hints          // the listener's pending reactions to notifications
+	trace    *migrator.Trace   // feeds metrics from the migrator's calls
+	hints    *hints            // the listener's pending reactions to notifications
+	watches  map[string]*watch // the takeover keys the listener's connection holds, by lane (listener goroutine only)
 
 	mu          sync.Mutex
 	state       map[string]*laneState
@@ -104,6 +119,8 @@ type laneState struct {
 	doneLogLater bool
 	raisedAt     uint64      // r.seq when the version was last raised
 	regressed    *Regression // the last time the version was seen moving backwards
+	successor    bool        // this replica is the lane's designated successor (see takeover.go)
+	waiters      int         // replicas waiting for the lane, as last counted by this one
 }
 
 // Regression is a lane version seen moving backwards: a database restored from a backup, a
@@ -138,6 +155,12 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	if cfg.HintInterval <= 0 {
 		cfg.HintInterval = 100 * time.Millisecond
 	}
+	if cfg.SuccessorInterval <= 0 {
+		cfg.SuccessorInterval = time.Second
+	}
+	if cfg.FleetInterval <= 0 {
+		cfg.FleetInterval = 4 * time.Second
+	}
 	if cfg.RetryMax < cfg.RetryMin {
 		cfg.RetryMax = max(time.Minute, cfg.RetryMin)
 	}
@@ -149,6 +172,7 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 		}
 	}
 	r.hints = newHints(cfg.HintInterval)
+	r.watches = map[string]*watch{}
 	r.metrics = newMetrics(r)
 	r.trace = r.metrics.trace()
 	ncfg := cfg.Notifier
@@ -156,6 +180,7 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	ncfg.Logger = cfg.Logger.With().Str("component", "notifier").Logger()
 	if ncfg.Check == nil {
 		ncfg.Check = r.check
+		ncfg.CheckInterval = r.nextCheck
 	}
 	ncfg.Deferred = r.react
 	if ncfg.BeforeConnect == nil {
@@ -462,13 +487,16 @@ type ReplicaView struct {
 
 // KnownLane is a lane as this replica last saw it.
 type KnownLane struct {
-	Name    string     `json:"name"`
-	Version int32      `json:"version"`
-	Done    bool       `json:"done"`
-	Role    string     `json:"role,omitempty"`    // applying: this replica holds the lane; waiting: another does
-	Via     string     `json:"via,omitempty"`     // how it learned the lane was done: applied, notification, connect, poll, check
-	DoneAt  *time.Time `json:"done_at,omitempty"` // when it learned it
-	Paused  bool       `json:"paused"`            // an operator paused the lane
+	Name    string `json:"name"`
+	Version int32  `json:"version"`
+	Done    bool   `json:"done"`
+	Role    string `json:"role,omitempty"` // applying: this replica holds the lane; waiting: another does
+	// Successor is true while this replica is the waiting replica designated to take the
+	// lane over (see Config.SuccessorInterval).
+	Successor bool       `json:"successor,omitempty"`
+	Via       string     `json:"via,omitempty"`     // how it learned the lane was done: applied, notification, connect, poll, check
+	DoneAt    *time.Time `json:"done_at,omitempty"` // when it learned it
+	Paused    bool       `json:"paused"`            // an operator paused the lane
 	// Regressed is the last time this replica saw the lane's version move backwards; nil if
 	// never. It stays after the lane is applied again, as a record.
 	Regressed *Regression `json:"regressed,omitempty"`
@@ -485,7 +513,7 @@ func (r *Runtime) View() ReplicaView {
 	defer r.mu.Unlock()
 	for _, l := range r.lanes {
 		s := r.state[l.Name]
-		k := KnownLane{Name: l.Name, Version: s.status.Version, Done: s.status.Done(), Role: s.role, Via: s.via, Paused: s.status.Paused, Progress: s.status.Progress}
+		k := KnownLane{Name: l.Name, Version: s.status.Version, Done: s.status.Done(), Role: s.role, Successor: s.successor, Via: s.via, Paused: s.status.Paused, Progress: s.status.Progress}
 		if s.regressed != nil {
 			rg := *s.regressed
 			k.Regressed = &rg
@@ -550,6 +578,7 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 	if r.listener != nil && r.listener.Delivery() == notifier.DeliveryPolling {
 		via = "poll"
 	}
+	r.forgetWatches()                   // a new session holds none of the old one's keys
 	return r.readStatus(ctx, conn, via) // it covers every hint received before it
 }
 

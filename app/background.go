@@ -150,16 +150,14 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 				return err
 			}
 		case errors.Is(err, migrator.ErrLocked):
-			// Another replica is applying the lane. Follow it through the listener; its periodic
-			// check tells when the lock is free (the holder died), and TakeoverInterval bounds
-			// the wait in any case. Keep no connection meanwhile: it would double the
-			// connections of every waiting replica.
+			// Another replica is applying the lane. Follow it through the listener; the lane's
+			// successor checks the lock (see takeover.go), and TakeoverInterval bounds the wait
+			// in any case. Keep no connection meanwhile: it would double the connections of
+			// every waiting replica.
 			retries = 0
 			r.setLocked(l.Name, true, "check")
 			r.setRole(l.Name, "waiting")
-			cctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			_ = (*conn).Close(cctx) // nothing is pending on it
-			cancel()
+			closeQuietly(*conn)
 			*conn = nil
 			waited = true
 			began := time.Now()

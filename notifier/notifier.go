@@ -50,6 +50,11 @@ type Config struct {
 	// proves the connection); an error makes the listener reconnect. The app runtime uses it to
 	// see whether the lock of a lane it waits for has been released.
 	Check func(ctx context.Context, conn *pgx.Conn) error
+	// CheckInterval, when set, is called on the listener's goroutine after every check and
+	// returns how long until the next one: the app runtime checks more often while this
+	// replica is a lane's designated successor. A result that is not positive or exceeds
+	// PingInterval means PingInterval. CheckSoon asks for a check at once.
+	CheckInterval func() time.Duration
 	// Deferred, when set, runs work the handler put off (the app runtime rate-limits the reads
 	// a flood of notifications would cause, keeping the latest hint). While listening, the
 	// listener calls it on its connection, under HandlerTimeout, after every handler call made
@@ -130,6 +135,9 @@ type Listener struct {
 	done        chan struct{}
 
 	stats Stats
+
+	soon bool               // CheckSoon was called: check before waiting again
+	wake context.CancelFunc // interrupts the current wait for a notification; nil when none runs
 
 	wasPolling bool // owned by whichever goroutine is connecting: Start's caller, then run
 }
@@ -236,6 +244,39 @@ func (l *Listener) Delivery() Delivery {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.mode
+}
+
+// CheckSoon asks the listener to run its check (Config.Check, or the ping) at once rather than
+// at the end of the current interval: the app runtime calls it when it starts waiting for a
+// lane, so that it joins the lane's waiters at once. While the listener is not listening the
+// request waits for the next connection. It never blocks.
+func (l *Listener) CheckSoon() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.soon = true
+	if l.wake != nil {
+		l.wake()
+	}
+}
+
+// takeSoon reports whether CheckSoon was called since it last returned true.
+func (l *Listener) takeSoon() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	soon := l.soon
+	l.soon = false
+	return soon
+}
+
+// setWake records how to interrupt the wait that is about to start (nil once it ended); a
+// CheckSoon that came before interrupts it at once.
+func (l *Listener) setWake(cancel context.CancelFunc) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.wake = cancel
+	if cancel != nil && l.soon {
+		cancel()
+	}
 }
 
 // Stats returns a copy of the listener's counters.
@@ -422,6 +463,7 @@ func (l *Listener) fallback(why string) {
 // the connection fails or ctx is done.
 func (l *Listener) listen(ctx context.Context, conn *pgx.Conn) error {
 	lastCheck := time.Now()
+	interval := l.checkInterval()
 	var next time.Time // when Config.Deferred runs next; zero: not scheduled
 	for {
 		now := time.Now()
@@ -432,28 +474,33 @@ func (l *Listener) listen(ctx context.Context, conn *pgx.Conn) error {
 			}
 			continue
 		}
-		wait := l.cfg.PingInterval - now.Sub(lastCheck)
-		if wait <= 0 {
+		wait := interval - now.Sub(lastCheck)
+		if wait <= 0 || l.takeSoon() {
 			if err := l.check(ctx, conn); err != nil {
 				return err
 			}
 			lastCheck = time.Now()
+			interval = l.checkInterval()
 			continue
 		}
 		if !next.IsZero() {
 			wait = min(wait, next.Sub(now))
 		}
 		wctx, cancel := context.WithTimeout(ctx, wait)
+		l.setWake(cancel)
 		n, err := conn.WaitForNotification(wctx)
+		l.setWake(nil)
 		cancel()
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		if err != nil {
-			if !pgconn.Timeout(err) || conn.IsClosed() {
+			// A timeout or a CheckSoon (ctx is not done: the wait's own context was
+			// cancelled) leaves the connection usable: time to check.
+			if !(pgconn.Timeout(err) || errors.Is(err, context.Canceled)) || conn.IsClosed() {
 				return fmt.Errorf("wait for notification: %w", err)
 			}
-			continue // time to check
+			continue
 		}
 		l.count(func(s *Stats) { s.Notifications++ })
 		if err := l.sync(ctx, conn, n); err != nil {
@@ -477,6 +524,18 @@ func (l *Listener) deferred(ctx context.Context, conn *pgx.Conn) (time.Time, err
 		return time.Time{}, fmt.Errorf("notifier: deferred: %w", err)
 	}
 	return next, nil
+}
+
+// checkInterval returns how long until the next check: Config.CheckInterval's answer, within
+// (0, PingInterval].
+func (l *Listener) checkInterval() time.Duration {
+	if l.cfg.CheckInterval == nil {
+		return l.cfg.PingInterval
+	}
+	if d := l.cfg.CheckInterval(); d > 0 && d < l.cfg.PingInterval {
+		return d
+	}
+	return l.cfg.PingInterval
 }
 
 // check pings the connection, or runs Config.Check, under PingTimeout.

@@ -336,3 +336,52 @@ func TestDeferredRunsWhenItAsks(t *testing.T) {
 		t.Fatalf("hints = %d, want 1: the second Deferred call came without a notification", hints)
 	}
 }
+
+// CheckSoon runs the check at once, without reconnecting, although PingInterval is an hour; and
+// CheckInterval's answer paces the checks that follow.
+func TestCheckSoonAndCheckInterval(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	var s state
+	var mu sync.Mutex
+	checks := 0
+	often := false
+	l, err := notifier.New(e.cc, notifier.Config{Channel: "ch", PingInterval: time.Hour,
+		Check: func(ctx context.Context, conn *pgx.Conn) error {
+			mu.Lock()
+			checks++
+			mu.Unlock()
+			return conn.Ping(ctx)
+		},
+		CheckInterval: func() time.Duration {
+			mu.Lock()
+			defer mu.Unlock()
+			if often {
+				return 20 * time.Millisecond
+			}
+			return 0 // PingInterval
+		},
+	}, s.handler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Stop()
+	count := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return checks
+	}
+	l.CheckSoon()
+	testkit.Eventually(t, "the check runs after CheckSoon", time.Minute, func() bool { return count() == 1 })
+	mu.Lock()
+	often = true
+	mu.Unlock()
+	l.CheckSoon()
+	testkit.Eventually(t, "checks follow every CheckInterval", time.Minute, func() bool { return count() >= 10 })
+	if n := l.Stats().Connects; n != 1 {
+		t.Errorf("%d connects, want 1: a CheckSoon must not cost the connection", n)
+	}
+}

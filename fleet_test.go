@@ -1,0 +1,116 @@
+package main
+
+// Fleet tests (issue 11): what a fleet of `lanes serve` replicas costs and how it behaves when
+// its members die, at process level.
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/multilanes/lanes/internal/pgtest"
+	"github.com/multilanes/lanes/internal/testkit"
+)
+
+// TestFaultTakeoverBySuccessor runs five replicas on a slow lane whose migrations each sleep a
+// minute. First the lane's designated successor is killed (SIGKILL): another waiting replica
+// takes its place. Then, three times in a row, the replica applying the lane is killed in the
+// middle of its statement: each time another replica holds the lane within
+// connCheckInterval + successorInterval + slack (the server frees the dead session's lock
+// within connCheckInterval, the successor sees it free within successorInterval); before,
+// every waiting replica checked the lock only every 5 s (its listener's ping). Every migration is
+// recorded once in the end.
+func TestFaultTakeoverBySuccessor(t *testing.T) {
+	t.Parallel()
+	serverSlots.reserve(t, 5)
+	dbURL := pgtest.NewDB(t)
+	files := map[string]string{
+		"fast/001_runs.sql": `create table runs (version int not null, app text not null default current_setting('application_name'));
+create table hurry (at timestamptz not null default now());`,
+	}
+	for v := 1; v <= 3; v++ {
+		files[fmt.Sprintf("slow/%03d_long.sql", v)] = fmt.Sprintf(`insert into runs (version) values (%d);
+select pg_sleep(case when exists (select 1 from hurry) then 0.2 else 60 end);`, v)
+	}
+	dir := testkit.WriteTree(t, files)
+	key := lockKey(t, dbURL, dir, "slow")
+	conn := pgtest.Connect(t, dbURL)
+	rs := map[string]*replica{}
+	for i := range 5 {
+		r := startReplica(t, fmt.Sprintf("s%d", i), dbURL, dir)
+		rs[r.appName()] = r
+	}
+	for _, r := range rs {
+		testkit.Eventually(t, "replica "+r.name+" ready", 2*time.Minute, r.ready)
+	}
+	successor := func() (*replica, int) {
+		var found *replica
+		n := 0
+		for _, r := range rs {
+			if k, ok := r.knows("slow"); ok && k.Successor && k.Role == "waiting" {
+				found = r
+				n++
+			}
+		}
+		return found, n
+	}
+	var first *replica
+	testkit.Eventually(t, "one waiting replica is the slow lane's successor", 2*time.Minute, func() bool {
+		s, n := successor()
+		first = s
+		return n == 1
+	})
+	if h := waitForHolder(t, conn, key, "pg_sleep"); h.app == first.appName() {
+		t.Fatalf("the successor %s holds the lane", h.app)
+	}
+	first.kill(t)
+	delete(rs, first.appName())
+	testkit.Eventually(t, "another replica becomes the successor", 2*time.Minute, func() bool {
+		s, n := successor()
+		return n == 1 && s != first
+	})
+
+	bound := connCheckInterval + successorInterval + slack
+	var took []float64
+	for round := range 3 {
+		h := waitForHolder(t, conn, key, "pg_sleep")
+		victim := rs[h.app]
+		if victim == nil {
+			t.Fatalf("the slow lane's lock is held by %q, not by a replica", h.app)
+		}
+		// Let the survivors settle on a successor before the kill, as between deploys.
+		testkit.Eventually(t, "a successor among the survivors", 2*time.Minute, func() bool {
+			s, n := successor()
+			return n == 1 && s != victim
+		})
+		victim.kill(t)
+		killed := time.Now()
+		delete(rs, h.app)
+		var d time.Duration
+		testkit.Eventually(t, "another replica takes the slow lane over", 2*time.Minute, func() bool {
+			cur, ok := lockHolder(t, conn, key)
+			if ok && cur.pid != h.pid {
+				d = time.Since(killed)
+				return true
+			}
+			return false
+		})
+		figure(t, fmt.Sprintf("takeover_by_successor_%d", round+1), d, bound)
+		if d > bound {
+			t.Errorf("round %d: takeover %s after the kill, want within %s", round+1, d, bound)
+		}
+		took = append(took, d.Seconds())
+	}
+	slices.Sort(took)
+	t.Logf("takeovers after SIGKILL: %v s (median %.2f s, max %.2f s)", took, took[len(took)/2], took[len(took)-1])
+
+	hurryUp(t, conn)
+	for _, r := range rs {
+		testkit.Eventually(t, "replica "+r.name+" learns the slow lane is done", 3*time.Minute, func() bool {
+			k, ok := r.knows("slow")
+			return ok && k.Done
+		})
+	}
+	checkHistoryExactlyOnce(t, conn, 4)
+}
