@@ -744,7 +744,7 @@ func TestFaultWaitOnHotStandbyFallsBackToPolling(t *testing.T) {
 	defer cancel()
 	standby, err := primary.StartStandby(ctx)
 	if err != nil {
-		t.Fatalf("build a hot standby with pg_basebackup: %v", err)
+		t.Fatalf("build a hot standby: %v", err)
 	}
 	t.Cleanup(func() {
 		if err := standby.Stop(); err != nil {

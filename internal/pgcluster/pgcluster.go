@@ -5,9 +5,10 @@
 // a Unix socket in that directory, trusts every local connection and runs with fsync off: it is
 // for demos and tests, never for data that matters. The `lanes demo` command uses it when no
 // server is reachable, and tests use it when they must restart or stop a server without
-// disturbing a shared one. [Cluster.StartStandby] adds a hot standby of a cluster (with
-// pg_basebackup from the same directory), for tests of what does not work on a standby, such
-// as LISTEN.
+// disturbing a shared one. [Cluster.StartStandby] adds a hot standby of a cluster (an online
+// copy of its files taken with the low-level backup API, so it needs no pg_basebackup and works
+// with the server binaries alone, from PostgreSQL 13 on), for tests of what does not work on a
+// standby, such as LISTEN.
 //
 // When the calling process runs as root, the server runs as the OS user "postgres" (PostgreSQL
 // refuses to run as root), and the cluster directory is owned by that user.
@@ -305,76 +306,6 @@ func (c *Cluster) ConnString(db string) string {
 		RawQuery: "sslmode=disable",
 	}
 	return u.String()
-}
-
-// StartStandby creates a hot standby of c in a new temporary directory and starts it: a
-// pg_basebackup of c taken over streaming replication with -R (standby.signal and
-// primary_conninfo), on a free port and a socket directory of its own. It returns once the
-// standby accepts read-only connections; it keeps replaying c's changes while both run. The
-// standby is a Cluster of its own: the caller must call its Stop (before or after c's). On
-// failure nothing is left behind.
-func (c *Cluster) StartStandby(ctx context.Context) (*Cluster, error) {
-	c.mu.Lock()
-	removed, port := c.removed, c.port
-	c.mu.Unlock()
-	if removed {
-		return nil, errors.New("start standby: primary cluster was stopped")
-	}
-	s := &Cluster{bindir: c.bindir, cred: c.cred, logger: c.logger}
-	root, err := os.MkdirTemp("", "lanes-pg-standby-")
-	if err != nil {
-		return nil, fmt.Errorf("create standby directory: %w", err)
-	}
-	s.root = root
-	if err := s.createStandby(ctx, port); err != nil {
-		_ = s.removeDirs()
-		return nil, err
-	}
-	for attempt := 1; ; attempt++ {
-		err = s.startOnFreePort(ctx)
-		if err == nil || attempt == 3 || !strings.Contains(err.Error(), "already in use") {
-			break
-		}
-	}
-	s.running = true
-	if err != nil {
-		_ = s.stopLocked("immediate")
-		_ = s.removeDirs()
-		return nil, err
-	}
-	s.logger.Info().Int("port", s.port).Int("primary_port", port).Str("dir", root).Msg("pgcluster: standby started")
-	return s, nil
-}
-
-// createStandby fills the standby's directory with a base backup of the primary on port.
-func (c *Cluster) createStandby(ctx context.Context, primaryPort int) error {
-	if err := os.Mkdir(c.sockDir(), 0o700); err != nil {
-		return fmt.Errorf("create standby directory: %w", err)
-	}
-	if c.cred != nil {
-		for _, dir := range []string{c.root, c.sockDir()} {
-			if err := os.Chown(dir, int(c.cred.Uid), int(c.cred.Gid)); err != nil {
-				return fmt.Errorf("give standby directory to user postgres: %w", err)
-			}
-		}
-	}
-	if _, err := c.run(ctx, "pg_basebackup", "-D", c.dataDir(), "-h", "127.0.0.1", "-p", strconv.Itoa(primaryPort),
-		"-U", "postgres", "-R", "-X", "stream", "--checkpoint=fast", "--no-sync"); err != nil {
-		return err
-	}
-	// The copied postgresql.conf names the primary's socket directory: the last setting wins.
-	f, err := os.OpenFile(filepath.Join(c.dataDir(), "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		return fmt.Errorf("open standby postgresql.conf: %w", err)
-	}
-	if _, err := fmt.Fprintf(f, "\n# pgcluster standby settings\nunix_socket_directories = %s\nhot_standby = on\n", quoteConf(c.sockDir())); err != nil {
-		f.Close()
-		return fmt.Errorf("write standby postgresql.conf: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write standby postgresql.conf: %w", err)
-	}
-	return nil
 }
 
 // Restart restarts the server with a fast shutdown (`pg_ctl restart -m fast`), closing every
