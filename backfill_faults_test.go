@@ -246,3 +246,43 @@ func TestFaultBackfillThrottledByStandbyLag(t *testing.T) {
 		t.Error("no log line says the throttle was lifted")
 	}
 }
+
+// TestFaultBackfillLagUnknownWithoutPgMonitor: a role without pg_monitor cannot read a
+// standby's replay position. The walk says the lag is unknown (in its durable progress, which
+// status and /lanes show, and once in the log) rather than passing for healthy, and goes on.
+func TestFaultBackfillLagUnknownWithoutPgMonitor(t *testing.T) {
+	t.Parallel()
+	primary := startCluster(t, pgcluster.Options{})
+	standby, err := primary.StartStandby(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { standby.Stop() })
+	admin := pgtest.Connect(t, primary.ConnString("postgres"))
+	for _, q := range []string{"create role walker login", "create database walkdb owner walker"} {
+		if _, err := admin.Exec(t.Context(), q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testkit.Eventually(t, "the standby streaming", time.Minute, func() bool {
+		return pgtest.Scalar[int](t, admin, "select count(*) from pg_stat_replication where state = 'streaming'") > 0
+	})
+	dbURL := strings.Replace(primary.ConnString("walkdb"), "postgres@", "walker@", 1)
+	conn := pgtest.Connect(t, dbURL)
+	if pgtest.Scalar[bool](t, conn, "select pg_has_role('pg_monitor', 'member') or (select rolsuper from pg_roles where rolname = current_user)") {
+		t.Fatal("walker can read the replication lag: the test needs a role that cannot")
+	}
+	r := startReplica(t, "r", dbURL, backfillLanes(t), append(backfillEnv, "LANES_MAX_REPLICATION_LAG=1s")...)
+	testkit.Eventually(t, "replica ready", 60*time.Second, r.ready)
+	testkit.Eventually(t, "the walk says the lag is unknown", time.Minute, func() bool {
+		return strings.Contains(pgtest.Scalar[string](t, conn, "select coalesce((select health from lanes_progress where lane = 'slow'), '')"), "replication lag unknown")
+	})
+	testkit.Eventually(t, "the lane done", 4*time.Minute, func() bool {
+		k, ok := r.knows("slow")
+		return ok && k.Done
+	})
+	checkVisitedOnce(t, conn)
+	if n := strings.Count(r.log.String(), "cannot read the replication lag"); n != 1 {
+		t.Errorf("the unknown lag was logged %d times, want once:\n%s", n, r.log.String())
+	}
+}
