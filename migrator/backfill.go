@@ -152,6 +152,12 @@ func (w *walk) start(ctx context.Context) error {
 	var total *int64
 	if b.keyed() {
 		total = &w.total
+	} else if b.totalFn != nil {
+		est, err := b.totalFn(ctx, w.conn)
+		if err != nil {
+			return w.m.wrap(w.mig, statement{}, fmt.Errorf("backfill Total: %w", err))
+		}
+		w.total, total = max(est, 0), &w.total
 	}
 	if _, err := w.conn.Exec(ctx, "insert into "+w.m.progressTable().Quoted()+` (lane, version, file, checksum, lower_key, upper_key, cursor, total, batch_size, started_at, updated_at)
 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)
@@ -297,7 +303,7 @@ func (w *walk) batch(ctx context.Context) (fin bool, err error) {
 		if err != nil {
 			return false, w.m.wrap(mig, statement{}, fmt.Errorf("batch after cursor %q: %w", w.cursor, err))
 		}
-		n = 1
+		n = int64(size) // up to size items: what the walk's total counts in
 		defer func() {
 			if err == nil {
 				fin = last

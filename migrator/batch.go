@@ -32,8 +32,13 @@ type Backfill struct {
 	Range func(ctx context.Context, tx pgx.Tx, lo, hi int64) error
 	// Cursor processes up to size items after cursor ("" on the first call) inside tx and
 	// returns the cursor to continue from and whether the walk is done. The cursor is opaque
-	// text stored with the walk's progress. For walks that are not integer ranges.
+	// text stored with the walk's progress. For walks that are not integer ranges. Progress
+	// counts each batch as size items.
 	Cursor func(ctx context.Context, tx pgx.Tx, cursor string, size int) (next string, done bool, err error)
+	// Total, optional with Cursor, estimates how many items the walk covers. It is read once,
+	// when the walk first starts (a resumed walk keeps it), so that progress has a percent and
+	// an ETA; a Cursor walk without it shows items done and a rate only.
+	Total func(ctx context.Context, q Querier) (int64, error)
 }
 
 // BatchConfig tunes batched migrations (files with a `---- lanes: batch ... ----` directive and
@@ -95,6 +100,7 @@ type batchSpec struct {
 
 	rangeFn  func(ctx context.Context, tx pgx.Tx, lo, hi int64) error
 	cursorFn func(ctx context.Context, tx pgx.Tx, cursor string, size int) (string, bool, error)
+	totalFn  func(ctx context.Context, q Querier) (int64, error)
 }
 
 // keyed reports whether the walk is a keyset walk over an integer key (SQL files and Range).
@@ -190,7 +196,7 @@ func parseBatchDirective(mig *Migration) (*batchSpec, error) {
 
 // goBatchSpec validates a Go migration's Backfill.
 func goBatchSpec(bf *Backfill) (*batchSpec, error) {
-	b := &batchSpec{size: bf.Size, key: bf.Key, rangeFn: bf.Range, cursorFn: bf.Cursor}
+	b := &batchSpec{size: bf.Size, key: bf.Key, rangeFn: bf.Range, cursorFn: bf.Cursor, totalFn: bf.Total}
 	if b.size <= 0 {
 		b.size = defaultBatchSize
 	}
@@ -199,6 +205,8 @@ func goBatchSpec(bf *Backfill) (*batchSpec, error) {
 		return nil, errors.New("backfill: set Range or Cursor, not both")
 	case bf.Range == nil && bf.Cursor == nil:
 		return nil, errors.New("backfill: set Range or Cursor")
+	case bf.Range != nil && bf.Total != nil:
+		return nil, errors.New("backfill: Total is for Cursor walks (a Range walk estimates its rows from the table)")
 	case bf.Range != nil:
 		if bf.Table == "" || bf.Key == "" {
 			return nil, errors.New("backfill: Range needs Table and Key")

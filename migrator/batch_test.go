@@ -387,3 +387,47 @@ func TestPauseStopsAtTheNextBatchAndResumeContinues(t *testing.T) {
 		t.Fatalf("%d rows not visited exactly once", n)
 	}
 }
+
+// A Cursor walk with Total has a percent and an ETA while it runs, like a keyed walk.
+func TestBatchedCursorFormWithTotalHasAPercent(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	if _, err := conn.Exec(ctx, "create table words (w text primary key, n int not null default 0); insert into words (w) select md5(g::text) from generate_series(1, 1000) g"); err != nil {
+		t.Fatal(err)
+	}
+	var m *migrator.Migrator
+	var calls int
+	var seen *migrator.Progress
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{{Version: 1, Name: "words", Backfill: &migrator.Backfill{Size: 100,
+		Total: func(ctx context.Context, q migrator.Querier) (n int64, err error) {
+			return n, q.QueryRow(ctx, "select count(*) from words").Scan(&n)
+		},
+		Cursor: func(ctx context.Context, tx pgx.Tx, cursor string, size int) (string, bool, error) {
+			if calls++; calls == 4 { // three batches committed: what does status say?
+				st, err := m.Status(ctx, conn)
+				if err != nil {
+					return "", false, err
+				}
+				seen = st[0].Progress
+			}
+			var last *string
+			err := tx.QueryRow(ctx, `with b as (select w from words where w > $1 order by w limit $2), u as (update words set n = n + 1 where w in (select w from b))
+select max(w) from b`, cursor, size).Scan(&last)
+			if err != nil || last == nil {
+				return cursor, true, err
+			}
+			return *last, false, nil
+		}}}}}
+	m = batchedMigrator(t, cc, migrator.BatchConfig{Target: 5 * time.Millisecond}, lane)
+	if res, err := m.Migrate(ctx, "slow"); err != nil || res.To != 1 {
+		t.Fatalf("Migrate = %+v, %v", res, err)
+	}
+	if seen == nil || seen.Total != 1000 || seen.Done <= 0 || seen.Done >= 1000 || seen.Percent == nil || seen.ETASeconds == nil ||
+		*seen.Percent != math.Round(float64(seen.Done)/10*10)/10 {
+		t.Fatalf("progress after three batches of 1000 words = %+v, want done/total as a percent and an ETA", seen)
+	}
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from words where n <> 1"); n != 0 {
+		t.Fatalf("%d words not visited exactly once", n)
+	}
+}
