@@ -400,8 +400,10 @@ func TestBatchedCursorFormWithTotalHasAPercent(t *testing.T) {
 	var calls int
 	var seen *migrator.Progress
 	lane := migrator.Lane{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{{Version: 1, Name: "words", Backfill: &migrator.Backfill{Size: 100,
-		Total: func(ctx context.Context, q migrator.Querier) (n int64, err error) {
-			return n, q.QueryRow(ctx, "select count(*) from words").Scan(&n)
+		Total: func(ctx context.Context, q migrator.Querier) (int64, error) {
+			var n int64
+			err := q.QueryRow(ctx, "select count(*) from words").Scan(&n)
+			return n, err
 		},
 		Cursor: func(ctx context.Context, tx pgx.Tx, cursor string, size int) (string, bool, error) {
 			if calls++; calls == 4 { // three batches committed: what does status say?
