@@ -91,6 +91,7 @@ type Runtime struct {
 	trace    *migrator.Trace   // feeds metrics from the migrator's calls
 	hints    *hints            // the listener's pending reactions to notifications
 	watches  map[string]*watch // the takeover keys the listener's connection holds, by lane (listener goroutine only)
+	events   *events           // the page's live feed
 
 	mu          sync.Mutex
 	state       map[string]*laneState
@@ -105,6 +106,7 @@ type Runtime struct {
 	closeDone   chan struct{} // closed when the first Close returns
 	closeErr    error
 	seq         uint64 // counts the raises of lane versions, to tell stale reads from regressions
+	lastNotice  *Notice
 }
 
 type laneState struct {
@@ -173,6 +175,7 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	}
 	r.hints = newHints(cfg.HintInterval)
 	r.watches = map[string]*watch{}
+	r.events = newEvents()
 	r.metrics = newMetrics(r)
 	r.trace = r.metrics.trace()
 	ncfg := cfg.Notifier
@@ -336,6 +339,7 @@ func (r *Runtime) Close() error {
 	startCancel, starting, cancel := r.startCancel, r.starting, r.cancel
 	r.mu.Unlock()
 	defer close(r.closeDone)
+	r.StopEvents()
 	if startCancel != nil {
 		startCancel()
 	}
@@ -482,7 +486,9 @@ type ReplicaView struct {
 	Listener      notifier.Delivery `json:"listener"`
 	Notifications int               `json:"notifications"` // received by the listener
 	Polls         int               `json:"polls"`         // state reads made because LISTEN was unavailable
-	Lanes         []KnownLane       `json:"lanes"`
+	// LastNotification is the last notification the listener received; nil before the first.
+	LastNotification *Notice     `json:"last_notification,omitempty"`
+	Lanes            []KnownLane `json:"lanes"`
 }
 
 // KnownLane is a lane as this replica last saw it.
@@ -511,6 +517,10 @@ func (r *Runtime) View() ReplicaView {
 	v := ReplicaView{Ready: r.Ready(), Listener: r.listener.Delivery(), Notifications: stats.Notifications, Polls: stats.Polls}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.lastNotice != nil {
+		n := *r.lastNotice
+		v.LastNotification = &n
+	}
 	for _, l := range r.lanes {
 		s := r.state[l.Name]
 		k := KnownLane{Name: l.Name, Version: s.status.Version, Done: s.status.Done(), Role: s.role, Successor: s.successor, Via: s.via, Paused: s.status.Paused, Progress: s.status.Progress}
@@ -536,12 +546,17 @@ func (r *Runtime) View() ReplicaView {
 // regression, recorded as the listener's reads record it; nothing else of this read changes
 // the replica's view.
 func (r *Runtime) Status(ctx context.Context) (Status, error) {
-	mark := r.readMark()
 	conn, err := engine.Connect(ctx, r.m)
 	if err != nil {
 		return Status{Replica: r.View()}, fmt.Errorf("app: %w", err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
+	return r.statusOn(ctx, conn)
+}
+
+// statusOn is Status on a connection of the caller's.
+func (r *Runtime) statusOn(ctx context.Context, conn *pgx.Conn) (Status, error) {
+	mark := r.readMark()
 	lanes, err := r.m.Status(ctx, conn)
 	if err == nil {
 		// Only a lane that moved backwards is taken from this read: what the replica learns
@@ -569,7 +584,12 @@ func (r *Runtime) Status(ctx context.Context) (Status, error) {
 // calls for a re-read (see hints.go), which runs at once unless a flood of hints has used up
 // its rate limit, and later (the listener's Deferred hook) otherwise.
 func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notification) error {
+	defer r.events.bump() // the page shows what this read learned, and the listener's counts
 	if n != nil {
+		notice := noticeOf(n.Payload, r.cfg.Now())
+		r.mu.Lock()
+		r.lastNotice = notice
+		r.mu.Unlock()
 		r.reactTo(n)
 		_, err := r.react(ctx, conn)
 		return err
@@ -686,6 +706,7 @@ func (r *Runtime) updateLocked(lanes []migrator.LaneStatus, via string, mark uin
 	if changed {
 		close(r.changed)
 		r.changed = make(chan struct{})
+		r.events.bump()
 	}
 }
 

@@ -26,13 +26,24 @@ const statusTimeout = 5 * time.Second
 //   - GET /lanes: the lanes read fresh from the database (lock-free) plus this replica's view,
 //     as the JSON of Status with an "error" field; 503 with the replica's view when the
 //     database cannot be read. Errors are shown with their string literals masked
-//     (LaneStatus.Redacted);
+//     (LaneStatus.Redacted), and so is the value a data exception (SQLSTATE class 22) quotes;
 //   - GET /metrics: the Prometheus text format of Collector, with the Go runtime's and the
-//     process's collectors, from a registry of the handler's own (never the global one).
+//     process's collectors, from a registry of the handler's own (never the global one);
+//   - GET /: a page for people with every lane's state, the running migration's progress,
+//     rate and ETA, who holds each lane's lock, the last failure and the newest history rows
+//     (string literals masked), and this replica's view; rendered on the server, so it works
+//     without JavaScript, with its script and style sheet at /page.js and /page.css;
+//   - GET /events: the page's live updates as Server-Sent Events: a "state" event at once and
+//     after each change this replica hears of (its listener's notifications, polls and own
+//     migrations; the database is read once per change for every open stream together, never
+//     on a timer), whose data is JSON {"html": the page's lanes section, "state": what it
+//     shows}. A stream ends when its client goes, at StopEvents or at Close: register
+//     StopEvents with http.Server.RegisterOnShutdown, since Shutdown waits for open streams.
 //
 // The handler is read-only: nothing it serves changes the database. It may be called before
 // Start (a starting replica answers /healthz and says what it waits for) and is safe for
-// concurrent use. Mount it under a prefix with http.StripPrefix.
+// concurrent use. Mount it under a prefix with http.StripPrefix, keeping the prefix's trailing slash for the
+// page (its links are relative): mux.Handle("/lanes/", http.StripPrefix("/lanes", h)).
 func (r *Runtime) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -44,6 +55,11 @@ func (r *Runtime) Handler() http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(r.metrics, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /{$}", r.servePage)
+	mux.HandleFunc("GET /events", r.serveEvents)
+	assets := pageAssets()
+	mux.Handle("GET /page.js", assets)
+	mux.Handle("GET /page.css", assets)
 	return mux
 }
 
@@ -74,9 +90,10 @@ func (r *Runtime) serveLanes(w http.ResponseWriter, req *http.Request) {
 	var resp LanesResponse
 	st, err := r.Status(ctx)
 	// Anyone who reaches the endpoint reads it: errors are shown with their string literals
-	// masked (a failing statement may quote a password).
+	// masked (a failing statement may quote a password) and so is the value a data exception
+	// quotes.
 	for i := range st.Lanes {
-		st.Lanes[i] = st.Lanes[i].Redacted()
+		st.Lanes[i] = redact(st.Lanes[i])
 	}
 	resp.Status = st
 	w.Header().Set("Content-Type", "application/json")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"hash/fnv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -117,4 +118,67 @@ func (m *Migrator) ApplierLockKey(lane string) (int64, error) {
 		return 0, fmt.Errorf("lane %q: %w", lane, ErrUnknownLane)
 	}
 	return l.table.lockKey(), nil
+}
+
+// LockHolder is a session holding a lane's lock, as pg_stat_activity shows it.
+type LockHolder struct {
+	Lane string `json:"lane"`
+	// PID is the holding backend's process id on the server (pg_terminate_backend ends it).
+	PID int32 `json:"pid"`
+	// ApplicationName is the session's application_name: lanes/<host>/<pid> of the replica
+	// unless its connection sets another.
+	ApplicationName string `json:"application_name"`
+	// ClientAddr is the client's address, "local socket" for a Unix-domain socket.
+	ClientAddr string `json:"client_addr"`
+	// ConnectedAt is when the holding session connected: it holds the lock since then or later
+	// (a replica may wait for a lane on the session it then applies it with).
+	ConnectedAt *time.Time `json:"connected_at"`
+	// Hidden is set when the reading role may not see the session's details (PostgreSQL shows
+	// them to the same role, superusers and pg_read_all_stats): only PID is known then.
+	Hidden bool `json:"hidden,omitempty"`
+}
+
+// LockHolders returns the sessions holding the lanes' locks, by lane; a lane nobody holds is
+// absent. It takes no lock and costs two round trips (the version tables resolved, as in
+// Status, then one query over pg_locks and pg_stat_activity).
+func (m *Migrator) LockHolders(ctx context.Context, q Querier) (map[string]LockHolder, error) {
+	tables, _, err := m.resolveTables(ctx, q)
+	if err != nil {
+		return nil, err
+	}
+	var keys []string
+	for i, l := range m.lanes {
+		for j, key := range l.lockKeys(tables[i]) {
+			keys = append(keys, fmt.Sprintf("(%d, %d, %d::int8, %d::int8)", i, j, uint32(uint64(key)>>32), uint32(uint64(key))))
+		}
+	}
+	rows, err := q.Query(ctx, `select distinct on (k.i) k.i, l.pid, a.pid is null or a.backend_start is null,
+  coalesce(a.application_name, ''), case when a.client_addr is not null then host(a.client_addr) when a.backend_start is not null then 'local socket' else '' end,
+  a.backend_start
+from (values `+strings.Join(keys, ", ")+`) k(i, j, c, o)
+join pg_locks l on l.locktype = 'advisory' and l.granted and l.objsubid = 1
+  and l.database = (select oid from pg_database where datname = current_database())
+  and l.classid::int8 = k.c and l.objid::int8 = k.o
+left join pg_stat_activity a on a.pid = l.pid
+where l.pid is not null
+order by k.i, k.j`)
+	if err != nil {
+		return nil, fmt.Errorf("read lane lock holders: %w", err)
+	}
+	out := map[string]LockHolder{}
+	for rows.Next() {
+		var (
+			i int
+			h LockHolder
+		)
+		if err := rows.Scan(&i, &h.PID, &h.Hidden, &h.ApplicationName, &h.ClientAddr, &h.ConnectedAt); err != nil {
+			return nil, fmt.Errorf("read lane lock holders: %w", err)
+		}
+		h.Lane = m.lanes[i].Name
+		out[h.Lane] = h
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read lane lock holders: %w", err)
+	}
+	return out, nil
 }

@@ -70,6 +70,7 @@ func runServe(ctx context.Context, c *command, addr string) error {
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          log.New(c.log.With().Str("component", "http").Logger(), "", 0),
 	}
+	srv.RegisterOnShutdown(r.StopEvents) // Shutdown waits for handlers: end the page's streams
 	serveErr := make(chan error, 1)
 	var wg sync.WaitGroup
 	wg.Go(func() { serveErr <- srv.Serve(ln) })
@@ -84,7 +85,7 @@ func runServe(ctx context.Context, c *command, addr string) error {
 		return nil
 	}
 	c.log.Info().Str("addr", ln.Addr().String()).Str("target", target(m.ConnConfig())).
-		Msg("serving /healthz, /readyz, /lanes and /metrics; applying the blocking lanes")
+		Msg("serving the page at /, /events, /healthz, /readyz, /lanes and /metrics; applying the blocking lanes")
 
 	// Start runs in its own goroutine so that a signal during it is answered by Close, which
 	// cancels Start and waits for it at most app.Config.CloseTimeout: a migration that ignores
