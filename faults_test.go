@@ -32,6 +32,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/multilanes/lanes/app"
 	"github.com/multilanes/lanes/internal/faultproxy"
@@ -717,7 +718,7 @@ func TestFaultNoLostSignalAcrossServerRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, f := range failures {
-		if !migrator.TransientSQLState(f.SQLState) {
+		if !migrator.IsTransient(&pgconn.PgError{Code: f.SQLState}) {
 			t.Errorf("the restart was recorded as a permanent failure: %s %s", f.SQLState, f.Error)
 		}
 	}

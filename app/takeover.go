@@ -25,6 +25,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/internal/backoff"
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
 )
@@ -42,7 +43,7 @@ type watch struct {
 // applier of the lane holds (so that every replica with the same lane configuration agrees), with
 // no query.
 func (r *Runtime) takeoverKeys(lane string) (successor, waiters int64, err error) {
-	key, err := r.m.ApplierLockKey(lane)
+	key, err := engine.ApplierLockKey(r.m, lane)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -197,7 +198,7 @@ func (r *Runtime) nextCheck() time.Duration {
 // lockFree reports whether the lane's lock is free, taking and releasing it at once: one
 // statement.
 func (r *Runtime) lockFree(ctx context.Context, conn *pgx.Conn, lane string) (bool, error) {
-	key, err := r.m.ApplierLockKey(lane) // no query
+	key, err := engine.ApplierLockKey(r.m, lane) // no query
 	if err != nil {
 		return false, err
 	}

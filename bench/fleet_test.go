@@ -12,6 +12,7 @@ import (
 
 	"github.com/multilanes/lanes/app"
 	"github.com/multilanes/lanes/internal/backoff"
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -139,7 +140,7 @@ func startEveryWaiter(ctx context.Context, cc *pgx.ConnConfig, n int) (*conns, e
 	if err != nil {
 		return nil, err
 	}
-	key, err := m.ApplierLockKey("slow")
+	key, err := engine.ApplierLockKey(m, "slow")
 	if err != nil {
 		return nil, err
 	}

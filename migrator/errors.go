@@ -82,7 +82,7 @@ func IsTransient(err error) bool {
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
-		return TransientSQLState(pgErr.Code)
+		return transientSQLState(pgErr.Code)
 	}
 	var netErr net.Error
 	if errors.As(err, &netErr) || pgconn.SafeToRetry(err) || pgconn.Timeout(err) {
@@ -92,8 +92,8 @@ func IsTransient(err error) bool {
 	return errors.As(err, &connErr) || strings.Contains(err.Error(), "conn closed") || strings.Contains(err.Error(), "unexpected EOF")
 }
 
-// TransientSQLState reports whether an error with this SQLSTATE is worth retrying unchanged.
-func TransientSQLState(code string) bool {
+// transientSQLState reports whether an error with this SQLSTATE is worth retrying unchanged.
+func transientSQLState(code string) bool {
 	switch {
 	case strings.HasPrefix(code, "40"), // serialization_failure, deadlock_detected
 		strings.HasPrefix(code, "08"), // connection exceptions

@@ -214,7 +214,7 @@ func (m *Migrator) failedBefore(ctx context.Context, conn *pgx.Conn, l *loadedLa
 	if err != nil {
 		return fmt.Errorf("lane %q: read history: %w", l.Name, err)
 	}
-	if msg == nil || version != mig.Version || checksum != mig.Checksum || TransientSQLState(deref(sqlstate)) {
+	if msg == nil || version != mig.Version || checksum != mig.Checksum || transientSQLState(deref(sqlstate)) {
 		return nil
 	}
 	// The recorded message already names the lane, file and statement.

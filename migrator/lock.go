@@ -106,13 +106,13 @@ func (m *Migrator) LockKey(ctx context.Context, q Querier, lane string) (int64, 
 	return tables[l.index].table.lockKey(), nil
 }
 
-// ApplierLockKey returns a key that every session applying the lane holds while it applies,
+// applierLockKey returns a key that every session applying the lane holds while it applies,
 // computed without a query: the key of the version table's name as configured (which an applier
 // of this release holds together with LockKey's, and an earlier release alone). Trying it
 // tells whether any session with the same lane configuration applies the lane, at the cost of
 // one statement, as a waiting replica's periodic check needs; it is not the whole lock, which
 // LockKey gives.
-func (m *Migrator) ApplierLockKey(lane string) (int64, error) {
+func (m *Migrator) applierLockKey(lane string) (int64, error) {
 	l, ok := m.byName[lane]
 	if !ok {
 		return 0, fmt.Errorf("lane %q: %w", lane, ErrUnknownLane)

@@ -404,6 +404,7 @@ func init() {
 	engine.BeforeConnect = func(m any) func(context.Context, *pgx.ConnConfig) error {
 		return m.(*Migrator).cfg.BeforeConnect
 	}
+	engine.ApplierLockKey = func(m any, lane string) (int64, error) { return m.(*Migrator).applierLockKey(lane) }
 }
 
 // connect opens a dedicated connection for applying migrations, with the runtime parameters of

@@ -739,7 +739,7 @@ func TestUnlocatableFailureNamesNoStatement(t *testing.T) {
 	}
 }
 
-// An applier holds both the lane's lock key and its ApplierLockKey (the key of the version
+// An applier holds both the lane's lock key and its applier lock key (the key of the version
 // table's name as configured, the only key of earlier releases), so a replica of an earlier
 // release holding the lane stops this one, and a waiting replica's one-statement check sees an
 // applier of either release.
@@ -752,9 +752,9 @@ func TestApplierHoldsTheKeyOfEarlierReleases(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	old, err := m.ApplierLockKey("fast")
+	old, err := engine.ApplierLockKey(m, "fast")
 	if err != nil || old == key {
-		t.Fatalf("ApplierLockKey = %d, %v; LockKey = %d: an unqualified default name resolves to another key", old, err, key)
+		t.Fatalf("applier lock key = %d, %v; LockKey = %d: an unqualified default name resolves to another key", old, err, key)
 	}
 	// An earlier release applying the lane holds only the old key.
 	if _, err := conn.Exec(ctx, "select pg_advisory_lock($1)", old); err != nil {

@@ -38,7 +38,7 @@ type Failure struct {
 	File      string    `json:"file"`
 	Checksum  string    `json:"checksum"` // of the failed file as rendered by the binary that ran it
 	SQLState  string    `json:"sqlstate,omitempty"`
-	Transient bool      `json:"transient"` // the error is of a kind that is retried (TransientSQLState)
+	Transient bool      `json:"transient"` // the error is of a kind that is retried (transientSQLState)
 	Statement string    `json:"statement,omitempty"`
 	At        time.Time `json:"at"`
 }
@@ -162,7 +162,7 @@ from (select 1) one left join lateral (select version, name, error, sqlstate, st
 		}
 		if hErr != nil && hVersion != nil && *hVersion > st.Version {
 			st.Error = *hErr
-			st.Failure = &Failure{Version: *hVersion, File: deref(hName), SQLState: deref(hState), Statement: deref(hStatement), Transient: TransientSQLState(deref(hState)), Checksum: deref(hSum)}
+			st.Failure = &Failure{Version: *hVersion, File: deref(hName), SQLState: deref(hState), Statement: deref(hStatement), Transient: transientSQLState(deref(hState)), Checksum: deref(hSum)}
 			if hAt != nil {
 				st.Failure.At = *hAt
 			}

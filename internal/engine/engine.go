@@ -19,6 +19,12 @@ var Connect func(ctx context.Context, m any) (*pgx.Conn, error)
 // connections a Runtime opens on its own (the listener's). Set by package migrator.
 var BeforeConnect func(m any) func(context.Context, *pgx.ConnConfig) error
 
+// ApplierLockKey returns a key that every session applying the lane of m, a
+// *migrator.Migrator, holds while it applies, computed without a query (see the Migrator's
+// lock): trying it tells whether any session applies the lane, at the cost of one statement.
+// Set by package migrator.
+var ApplierLockKey func(m any, lane string) (int64, error)
+
 type connKey struct{}
 
 // WithConn returns a context that makes a Migrator's TryMigrate run on conn instead of opening
