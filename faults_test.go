@@ -55,7 +55,7 @@ const (
 	successorInterval = time.Second
 	// reconnectMax is notifier.Config.ReconnectMax's default: the longest backoff between two
 	// reconnect attempts of a LISTEN connection.
-	reconnectMax = 5 * time.Second
+	reconnectMax = time.Second
 	// connectTimeout is the CLI's connect timeout when the URL sets none.
 	connectTimeout = 10 * time.Second
 	// slack is what a loaded two-core machine running -race binaries may add to a bound.

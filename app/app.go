@@ -107,6 +107,9 @@ type Runtime struct {
 	closeErr    error
 	seq         uint64 // counts the raises of lane versions, to tell stale reads from regressions
 	lastNotice  *Notice
+	// back is closed and replaced each time the listener connects: the database answers
+	// again, so a lane waiting out its retry backoff tries at once (see backoff).
+	back chan struct{}
 }
 
 type laneState struct {
@@ -166,7 +169,7 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	if cfg.RetryMax < cfg.RetryMin {
 		cfg.RetryMax = max(time.Minute, cfg.RetryMin)
 	}
-	r := &Runtime{m: m, cfg: cfg, log: cfg.Logger, lanes: m.Lanes(), state: map[string]*laneState{}, changed: make(chan struct{}), closeDone: make(chan struct{})}
+	r := &Runtime{m: m, cfg: cfg, log: cfg.Logger, lanes: m.Lanes(), state: map[string]*laneState{}, changed: make(chan struct{}), back: make(chan struct{}), closeDone: make(chan struct{})}
 	for _, l := range r.lanes {
 		r.state[l.Name] = &laneState{
 			status: migrator.LaneStatus{Name: l.Name, Mode: l.Mode.String(), VersionTable: l.VersionTable, Latest: l.Latest, State: migrator.StatePending},
@@ -286,6 +289,7 @@ func (r *Runtime) untilUsable(ctx context.Context, f func(context.Context) error
 	seen := map[string]bool{}
 	var since time.Time
 	for attempt := 0; ; attempt++ {
+		back := r.backSignal()
 		err := f(ctx)
 		if err == nil {
 			if !since.IsZero() {
@@ -310,7 +314,7 @@ func (r *Runtime) untilUsable(ctx context.Context, f func(context.Context) error
 			r.log.Warn().Err(connerr.Compact(err)).
 				Msg("no usable database yet (no server, a failover, a read-only server, too many clients): not ready; retrying with backoff")
 		}
-		if err := backoff.Sleep(ctx, backoff.Exponential(attempt, 100*time.Millisecond, 5*time.Second)); err != nil {
+		if err := r.sleepUnlessBack(ctx, backoff.Exponential(attempt, 100*time.Millisecond, 5*time.Second), back, &attempt); err != nil {
 			return err
 		}
 	}
@@ -598,8 +602,14 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 	if r.listener != nil && r.listener.Delivery() == notifier.DeliveryPolling {
 		via = "poll"
 	}
-	r.forgetWatches()                   // a new session holds none of the old one's keys
-	return r.readStatus(ctx, conn, via) // it covers every hint received before it
+	r.forgetWatches()                                    // a new session holds none of the old one's keys
+	if err := r.readStatus(ctx, conn, via); err != nil { // it covers every hint received before it
+		return err
+	}
+	if via == "connect" {
+		r.databaseBack()
+	}
+	return nil
 }
 
 // applied records what this replica's own Migrate call did, without waiting for the listener.

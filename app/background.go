@@ -85,6 +85,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 		if st.Done() {
 			return nil
 		}
+		back := r.backSignal() // taken before the attempt: a reconnect during it ends the backoff after it
 		if lanestate.BlockingFailure(l, st, l.Latest) != nil {
 			// A permanent failure of this very file: retrying cannot help. Wait until another
 			// replica (a fixed deploy) moves the lane on.
@@ -102,7 +103,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 					return ctx.Err()
 				}
 				r.log.Warn().Err(connerr.Compact(err)).Str("lane", l.Name).Msg("cannot connect to apply the lane; retrying")
-				if err := r.backoff(ctx, &retries); err != nil {
+				if err := r.backoff(ctx, &retries, back); err != nil {
 					return err
 				}
 				continue
@@ -185,8 +186,8 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 				return err
 			}
 		default:
-			r.log.Warn().Err(err).Str("lane", l.Name).Msg("background lane interrupted by a transient error; retrying with backoff")
-			if err := r.backoff(ctx, &retries); err != nil {
+			r.log.Warn().Err(connerr.Compact(err)).Str("lane", l.Name).Msg("background lane interrupted by a transient error; retrying with backoff, or as soon as the listener is back")
+			if err := r.backoff(ctx, &retries, back); err != nil {
 				return err
 			}
 		}
@@ -208,9 +209,47 @@ func (r *Runtime) failed(l migrator.LaneInfo, me *migrator.MigrationError) {
 	})
 }
 
-// backoff sleeps for the next capped exponential delay with full jitter.
-func (r *Runtime) backoff(ctx context.Context, retries *int) error {
+// backoff sleeps for the next capped exponential delay with full jitter, or less: see
+// sleepUnlessBack. back is backSignal taken before the attempt that failed.
+func (r *Runtime) backoff(ctx context.Context, retries *int, back <-chan struct{}) error {
 	d := backoff.Exponential(*retries, r.cfg.RetryMin, r.cfg.RetryMax)
 	*retries++
-	return backoff.Sleep(ctx, d)
+	return r.sleepUnlessBack(ctx, d, back, retries)
+}
+
+// backJitter spreads the replicas' retries once their listeners are back, so that they do not
+// all reach the new primary in the same instant.
+const backJitter = 500 * time.Millisecond
+
+// sleepUnlessBack sleeps for d, or until back is closed: the listener connected again since the
+// attempt that failed, so the database answers again (a restarted server, a new primary). The
+// retry then comes after a random delay of at most backJitter, not after a backoff grown during
+// the outage, and *retries starts again from 0.
+func (r *Runtime) sleepUnlessBack(ctx context.Context, d time.Duration, back <-chan struct{}, retries *int) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	case <-back:
+		*retries = 0
+		return backoff.Sleep(ctx, backoff.Exponential(0, backJitter, backJitter))
+	}
+}
+
+// backSignal returns the channel closed the next time the listener connects.
+func (r *Runtime) backSignal() <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.back
+}
+
+// databaseBack wakes the lanes waiting out a retry backoff: the listener has just connected.
+func (r *Runtime) databaseBack() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	close(r.back)
+	r.back = make(chan struct{})
 }

@@ -68,7 +68,9 @@ type Config struct {
 	// PingTimeout bounds a ping and a connect attempt. Default: 5s.
 	PingTimeout time.Duration
 	// ReconnectMin and ReconnectMax bound the exponential backoff between reconnect attempts
-	// (full jitter). Defaults: 100ms and 5s.
+	// (full jitter). Defaults: 100ms and 1s: a listener back on its server is how a client
+	// learns that the database is back (after a restart or a failover), so it tries often; an
+	// attempt at a server that is down costs a refused connection.
 	ReconnectMin, ReconnectMax time.Duration
 	// PollInterval is how often the handler is called while LISTEN is unavailable.
 	// Default: 5s.
@@ -98,7 +100,7 @@ func (c *Config) setDefaults() {
 	def(&c.PingTimeout, 5*time.Second)
 	def(&c.HandlerTimeout, 30*time.Second)
 	def(&c.ReconnectMin, 100*time.Millisecond)
-	def(&c.ReconnectMax, 5*time.Second)
+	def(&c.ReconnectMax, time.Second)
 	def(&c.PollInterval, 5*time.Second)
 	def(&c.RelistenInterval, time.Minute)
 	if c.ProbeTimeout == 0 {
@@ -298,10 +300,13 @@ func (l *Listener) count(f func(*Stats)) {
 	f(&l.stats)
 }
 
-// run owns conn until ctx is done, replacing it whenever it fails.
+// run owns conn until ctx is done, replacing it whenever it fails. A lost connection is logged
+// as a warning (a restart or a failover interrupts it, and it comes back), and so is its return,
+// with how long it was gone.
 func (l *Listener) run(ctx context.Context, conn *pgx.Conn, listening bool) {
 	attempt := 0
 	lastFailure := ""
+	var lostAt time.Time // when the connection was lost; zero while it works
 	for {
 		if conn != nil {
 			var err error
@@ -316,7 +321,8 @@ func (l *Listener) run(ctx context.Context, conn *pgx.Conn, listening bool) {
 				return
 			}
 			if err != nil && !errors.Is(err, errRelisten) {
-				l.log.Warn().Err(err).Msg("notification connection lost; reconnecting")
+				l.log.Warn().Err(connerr.Compact(err)).Msg("notification connection lost; reconnecting")
+				lostAt = time.Now()
 			}
 			attempt = 0
 		}
@@ -346,6 +352,11 @@ func (l *Listener) run(ctx context.Context, conn *pgx.Conn, listening bool) {
 			continue
 		}
 		lastFailure = ""
+		if !lostAt.IsZero() {
+			l.log.Info().Float64("down_s", time.Since(lostAt).Seconds()).Int("attempts", attempt).
+				Str("delivery", string(l.Delivery())).Msg("notification connection back")
+			lostAt = time.Time{}
+		}
 	}
 }
 
