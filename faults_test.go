@@ -814,6 +814,17 @@ func TestFaultWaitOnHotStandbyFallsBackToPolling(t *testing.T) {
 	if !strings.Contains(log, `"version":2`) || !strings.Contains(log, "lane reached the version") {
 		t.Errorf("lanes wait did not report version 2:\n%s", log)
 	}
+	// status on the standby says it is read-only, in recovery (issue 13 point 5).
+	env := []string{"DATABASE_URL=" + standby.ConnString("postgres"), "LANES_MIGRATIONS=" + dir}
+	if res := runLanes(t, env, "status"); res.code != 0 || !strings.Contains(res.stdout, "server: read-only (in recovery: a hot standby)") {
+		t.Errorf("status on the standby does not say it is read-only, in recovery: %v", res)
+	}
+	if res := runLanes(t, env, "status", "--json"); res.code != 0 || !strings.Contains(res.stdout, `"read_only": true`) || !strings.Contains(res.stdout, `"in_recovery": true`) {
+		t.Errorf("status --json on the standby does not say it is read-only, in recovery: %v", res)
+	}
+	if res := runLanes(t, []string{"DATABASE_URL=" + primary.ConnString("postgres"), "LANES_MIGRATIONS=" + dir}, "status"); res.code != 0 || strings.Contains(res.stdout, "server:") {
+		t.Errorf("status on the primary: %v; want no word about the server", res)
+	}
 }
 
 // TestFaultRollbackDeploy applies a newer migrations folder (fast lane at 2, slow lane at 3),

@@ -15,6 +15,7 @@ import (
 	"github.com/multilanes/lanes/internal/connerr"
 	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/internal/lanestate"
+	"github.com/multilanes/lanes/internal/pgconnect"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
 )
@@ -110,6 +111,8 @@ type Runtime struct {
 	// back is closed and replaced each time the listener connects: the database answers
 	// again, so a lane waiting out its retry backoff tries at once (see backoff).
 	back chan struct{}
+	// readOnly is the server found refusing this replica's writes; nil while it takes them.
+	readOnly *ReadOnly
 }
 
 type laneState struct {
@@ -482,6 +485,10 @@ func (r *Runtime) Wait(ctx context.Context, lane string) error {
 type Status struct {
 	Lanes   []migrator.LaneStatus `json:"lanes"`
 	Replica ReplicaView           `json:"replica"`
+	// Server says whether the server takes writes, read with the lanes: "writable",
+	// "read-only (in recovery: a hot standby)" or "read-only (default_transaction_read_only)";
+	// empty when it could not be read.
+	Server string `json:"server,omitempty"`
 }
 
 // ReplicaView is what one replica knows, from its own migrations and its listener.
@@ -491,8 +498,11 @@ type ReplicaView struct {
 	Notifications int               `json:"notifications"` // received by the listener
 	Polls         int               `json:"polls"`         // state reads made because LISTEN was unavailable
 	// LastNotification is the last notification the listener received; nil before the first.
-	LastNotification *Notice     `json:"last_notification,omitempty"`
-	Lanes            []KnownLane `json:"lanes"`
+	LastNotification *Notice `json:"last_notification,omitempty"`
+	// ReadOnly is set while the server refuses this replica's writes (found when it tried to
+	// apply a lane): lanes wait until it takes them. Nil otherwise.
+	ReadOnly *ReadOnly   `json:"read_only,omitempty"`
+	Lanes    []KnownLane `json:"lanes"`
 }
 
 // KnownLane is a lane as this replica last saw it.
@@ -524,6 +534,10 @@ func (r *Runtime) View() ReplicaView {
 	if r.lastNotice != nil {
 		n := *r.lastNotice
 		v.LastNotification = &n
+	}
+	if r.readOnly != nil {
+		ro := *r.readOnly
+		v.ReadOnly = &ro
 	}
 	for _, l := range r.lanes {
 		s := r.state[l.Name]
@@ -574,7 +588,13 @@ func (r *Runtime) statusOn(ctx context.Context, conn *pgx.Conn) (Status, error) 
 		r.update(back, "status", mark)
 		err = r.m.AddDrift(ctx, conn, lanes)
 	}
-	st := Status{Replica: r.View()}
+	var server string
+	if err == nil {
+		var srv pgconnect.Server
+		srv, err = pgconnect.ReadServer(ctx, conn)
+		server = srv.String()
+	}
+	st := Status{Replica: r.View(), Server: server}
 	if err != nil {
 		return st, fmt.Errorf("app: %w", err)
 	}
@@ -609,7 +629,7 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 	if via == "connect" {
 		r.databaseBack()
 	}
-	return nil
+	return r.recheckReadOnly(ctx, conn)
 }
 
 // applied records what this replica's own Migrate call did, without waiting for the listener.

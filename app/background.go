@@ -11,6 +11,7 @@ import (
 	"github.com/multilanes/lanes/internal/connerr"
 	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/internal/lanestate"
+	"github.com/multilanes/lanes/internal/pgconnect"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -119,6 +120,18 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 		if (*conn).IsClosed() {
 			*conn = nil
 		}
+		if err != nil && ctx.Err() == nil && *conn != nil && !errors.Is(err, migrator.ErrLocked) && !errors.Is(err, migrator.ErrPaused) &&
+			r.foundReadOnly(ctx, *conn, l.Name) {
+			// Nothing can be applied here until the server takes writes: the listener's checks
+			// watch for that and end this wait (databaseBack); the backoff bounds it anyway.
+			if err := r.backoff(ctx, &retries, back); err != nil {
+				return err
+			}
+			continue
+		}
+		if err == nil {
+			r.clearReadOnly()
+		}
 		var me *migrator.MigrationError
 		var drift *migrator.DriftError
 		if waited && (res.Applied > 0 || errors.As(err, &me) && !errors.Is(err, migrator.ErrFailedBefore)) {
@@ -192,6 +205,75 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			}
 		}
 	}
+}
+
+// ReadOnly is a server that refuses writes, as a replica found it when it tried to apply a
+// lane: a hot standby (in recovery), or a server, database or role with
+// default_transaction_read_only on. The replica logs it once; its lanes wait until the server
+// takes writes (a promotion), which its listener checks at every check or poll.
+type ReadOnly struct {
+	InRecovery bool      `json:"in_recovery"`
+	Reason     string    `json:"reason"` // "read-only (in recovery: a hot standby)" or "read-only (default_transaction_read_only)"
+	Since      time.Time `json:"since"`
+}
+
+// foundReadOnly asks the server, after a failed attempt at the lane, whether it refuses writes;
+// if so it records and logs that (once until the server takes writes again) and returns true.
+func (r *Runtime) foundReadOnly(ctx context.Context, conn *pgx.Conn, lane string) bool {
+	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	srv, err := pgconnect.ReadServer(qctx, conn)
+	if err != nil || !srv.ReadOnly {
+		return false
+	}
+	r.mu.Lock()
+	first := r.readOnly == nil
+	if first {
+		r.readOnly = &ReadOnly{InRecovery: srv.InRecovery, Reason: srv.String(), Since: r.cfg.Now()}
+		close(r.changed)
+		r.changed = make(chan struct{})
+	}
+	r.mu.Unlock()
+	if first {
+		r.log.Warn().Str("lane", lane).Str("server", srv.String()).Bool("in_recovery", srv.InRecovery).
+			Msg("the server is read-only: lanes wait until it takes writes (a promotion); connect with target_session_attrs=read-write to reach the primary")
+	}
+	return true
+}
+
+// recheckReadOnly runs on the listener's connection at every check and poll while the server
+// is known read-only: once it takes writes, the lanes are tried at once.
+func (r *Runtime) recheckReadOnly(ctx context.Context, conn *pgx.Conn) error {
+	r.mu.Lock()
+	known := r.readOnly != nil
+	r.mu.Unlock()
+	if !known {
+		return nil
+	}
+	srv, err := pgconnect.ReadServer(ctx, conn)
+	if err != nil {
+		return err
+	}
+	if !srv.ReadOnly && r.clearReadOnly() {
+		r.databaseBack()
+	}
+	return nil
+}
+
+// clearReadOnly forgets that the server was read-only, logging it, and reports whether it was.
+func (r *Runtime) clearReadOnly() bool {
+	r.mu.Lock()
+	was := r.readOnly
+	r.readOnly = nil
+	if was != nil {
+		close(r.changed)
+		r.changed = make(chan struct{})
+	}
+	r.mu.Unlock()
+	if was != nil {
+		r.log.Info().Float64("read_only_s", r.cfg.Now().Sub(was.Since).Seconds()).Msg("the server takes writes again; applying the lanes")
+	}
+	return was != nil
 }
 
 // failed records this replica's own permanent failure in its state at once, without waiting for

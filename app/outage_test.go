@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"testing/fstest"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -16,6 +17,7 @@ import (
 	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgcluster"
 	"github.com/multilanes/lanes/internal/testkit"
+	"github.com/multilanes/lanes/migrator"
 )
 
 // startCluster starts a throwaway cluster, stopped at cleanup; it skips the test only when the
@@ -105,3 +107,90 @@ func TestLaneRetriedWhenTheListenerIsBack(t *testing.T) {
 		t.Errorf("a transient outage was logged as an error:\n%s", logs)
 	}
 }
+
+// A replica pointed at a hot standby with a background lane pending says that the server is
+// read-only, in recovery: in its view (and /lanes), in Status, and once in its log; the lane
+// is applied as soon as the standby is promoted. Before, the lane stayed pending with no word
+// of why.
+func TestReadOnlyServerIsReportedAndTheLaneAppliedOnPromotion(t *testing.T) {
+	t.Parallel()
+	primary := startCluster(t)
+	// The fast lane is applied on the primary; the standby replays it.
+	pe := clusterEnv(t, primary)
+	m, err := migrator.New(pe.cc, []migrator.Lane{fastLane, sqlSlowLane}, migrator.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Migrate(t.Context(), "fast"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	standby, err := primary.StartStandby(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := standby.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	se := clusterEnv(t, standby)
+	var log logbuf.Buffer
+	r := se.runtimeWith(func(cfg *app.Config) { cfg.Logger = zerolog.New(&log) }, fastLane, sqlSlowLane)
+	if err := r.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "the replica sees the server read-only", 2*time.Minute, func() bool {
+		return r.View().ReadOnly != nil
+	})
+	ro := r.View().ReadOnly
+	if !ro.InRecovery || !strings.Contains(ro.Reason, "in recovery") {
+		t.Errorf("read-only view = %+v, want in recovery", ro)
+	}
+	st, err := r.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Server != "read-only (in recovery: a hot standby)" || st.Replica.ReadOnly == nil {
+		t.Errorf("Status says server %q, replica read-only %v; want read-only in recovery", st.Server, st.Replica.ReadOnly)
+	}
+	if r.IsDone("slow") {
+		t.Fatal("the slow lane is done on a standby")
+	}
+	// The lane is tried again with backoff meanwhile (20-200 ms here): the log says it once.
+	testkit.Eventually(t, "the replica retries", 2*time.Minute, func() bool {
+		return strings.Count(log.String(), `"level":"warn"`) >= 1 && time.Since(ro.Since) > time.Second
+	})
+	if n := strings.Count(log.String(), "the server is read-only"); n != 1 {
+		t.Errorf("the log says %d times that the server is read-only, want once:\n%s", n, log.String())
+	}
+	if err := standby.Promote(ctx); err != nil {
+		t.Fatal(err)
+	}
+	done, err := r.Done("slow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute): // a hang guard
+		t.Fatalf("the slow lane was not applied after the promotion:\n%s", log.String())
+	}
+	if ro := r.View().ReadOnly; ro != nil {
+		t.Errorf("the view still says read-only after the promotion: %+v", ro)
+	}
+	if st, err := r.Status(ctx); err != nil || st.Server != "writable" {
+		t.Errorf("Status after the promotion: server %q, %v; want writable", st.Server, err)
+	}
+	if !strings.Contains(log.String(), "the server takes writes again") {
+		t.Errorf("the log does not say the server takes writes again:\n%s", log.String())
+	}
+	if strings.Contains(log.String(), `"level":"error"`) {
+		t.Errorf("a read-only server was logged as an error:\n%s", log.String())
+	}
+}
+
+var sqlSlowLane = migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
+	"001_t.sql": testkit.File("create table slow_t (i int);"),
+}}

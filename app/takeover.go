@@ -63,6 +63,9 @@ func (r *Runtime) takeoverKeys(lane string) (successor, waiters int64, err error
 // Keys of lanes this replica no longer waits for are released. With nothing to do it is a
 // plain ping.
 func (r *Runtime) check(ctx context.Context, conn *pgx.Conn) error {
+	if err := r.recheckReadOnly(ctx, conn); err != nil {
+		return err
+	}
 	waiting := map[string]bool{}
 	r.mu.Lock()
 	for _, l := range r.lanes {

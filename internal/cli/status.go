@@ -10,6 +10,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/multilanes/lanes/internal/pgconnect"
 	"github.com/multilanes/lanes/migrator"
 )
 
@@ -43,6 +44,9 @@ func statusFlags(fs *flag.FlagSet) commandBody {
 // statusJSON is what status --json prints.
 type statusJSON struct {
 	Lanes []migrator.LaneStatus `json:"lanes"`
+	// Server says whether the server takes writes ({"read_only": true, "in_recovery": true} on
+	// a hot standby, where no lane can be applied).
+	Server pgconnect.Server `json:"server"`
 }
 
 func runStatus(ctx context.Context, c *command, asJSON bool, timeout time.Duration) error {
@@ -51,6 +55,7 @@ func runStatus(ctx context.Context, c *command, asJSON bool, timeout time.Durati
 		return err
 	}
 	var lanes []migrator.LaneStatus
+	var server pgconnect.Server
 	err = c.retry(ctx, timeout, func(ctx context.Context) error {
 		conn, err := connect(ctx, m)
 		if err != nil {
@@ -60,7 +65,11 @@ func runStatus(ctx context.Context, c *command, asJSON bool, timeout time.Durati
 		if lanes, err = m.Status(ctx, conn); err != nil {
 			return err
 		}
-		return m.AddDrift(ctx, conn, lanes)
+		if err := m.AddDrift(ctx, conn, lanes); err != nil {
+			return err
+		}
+		server, err = pgconnect.ReadServer(ctx, conn)
+		return err
 	})
 	if err != nil {
 		return err
@@ -68,12 +77,19 @@ func runStatus(ctx context.Context, c *command, asJSON bool, timeout time.Durati
 	if asJSON {
 		enc := json.NewEncoder(c.env.stdout)
 		enc.SetIndent("", "  ")
-		if err := enc.Encode(statusJSON{Lanes: lanes}); err != nil {
+		if err := enc.Encode(statusJSON{Lanes: lanes, Server: server}); err != nil {
 			return fmt.Errorf("write status: %w", err)
 		}
 		return nil
 	}
-	return writeStatusTable(c.env.stdout, lanes)
+	if err := writeStatusTable(c.env.stdout, lanes); err != nil {
+		return err
+	}
+	if server.ReadOnly {
+		// After the table, so that scripts reading its first line still find the header.
+		fmt.Fprintf(c.env.stdout, "server: %s: no lane can be applied here until it takes writes (a promotion)\n", server)
+	}
+	return nil
 }
 
 // writeStatusTable writes the lanes as the status table.

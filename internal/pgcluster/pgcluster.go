@@ -326,6 +326,21 @@ func (c *Cluster) Restart(ctx context.Context) error {
 	return nil
 }
 
+// Promote ends a standby's recovery (`pg_ctl promote -w`), as a failover to it does, and
+// returns once it takes writes. It fails on a cluster that is not a standby.
+func (c *Cluster) Promote(ctx context.Context) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.removed {
+		return errors.New("promote cluster: cluster was stopped")
+	}
+	if _, err := c.run(ctx, "pg_ctl", "promote", "-w", "-t", "60", "-D", c.dataDir()); err != nil {
+		return err
+	}
+	c.logger.Info().Int("port", c.port).Msg("pgcluster: promoted")
+	return nil
+}
+
 // Kill stops the server at once (`pg_ctl stop -m immediate`), as a crash would: sessions end
 // without cleanup and the next start runs crash recovery. The directory stays, so
 // [Cluster.Restart] can start the server again; [Cluster.Stop] removes it. Kill on a stopped
