@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/multilanes/lanes/internal/wire"
@@ -41,7 +42,8 @@ type events struct {
 	reading chan struct{} // a one-slot semaphore: one page read at a time
 	snapGen uint64        // the generation snap was read for
 	snap    *pageState
-	readAt  time.Time // when the last read began
+	readAt  time.Time    // when the last read began
+	reads   atomic.Int64 // page reads made, for tests
 }
 
 func newEvents() *events {
@@ -112,6 +114,7 @@ func (r *Runtime) pageSnapshot(ctx context.Context, gen uint64, fresh bool) *pag
 	}
 	gen, _ = e.current() // the read below covers every bump so far
 	now := time.Now()
+	e.reads.Add(1)
 	snap = r.readPage(ctx)
 	e.mu.Lock()
 	if gen >= e.snapGen {

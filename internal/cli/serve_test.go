@@ -124,11 +124,28 @@ func TestServe(t *testing.T) {
 	if !slowDone {
 		t.Errorf("/lanes never showed both lanes done:\n%s", stderr.String())
 	}
+	// The page at /, and its event stream, open while serve stops: the stream ends with the
+	// server's graceful shutdown (http.Server.Shutdown alone would wait for it).
+	if code, body := get(client, base+"/"); code != http.StatusOK || !strings.Contains(body, `id="lane-fast"`) || !strings.Contains(body, `id="lane-slow"`) {
+		t.Errorf("GET /: %d %s", code, body)
+	}
+	stream, err := (&http.Client{Transport: &http.Transport{DisableKeepAlives: true}}).Get(base + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Body.Close()
+	first := make([]byte, 64)
+	if n, err := io.ReadAtLeast(stream.Body, first, 5); err != nil || stream.StatusCode != http.StatusOK {
+		t.Fatalf("GET /events: %d %q %v", stream.StatusCode, first[:n], err)
+	}
 	if code := finish(); code != ExitOK {
 		t.Errorf("serve stopped by its context: want exit 0, got %d\n%s", code, stderr.String())
 	}
 	if !strings.Contains(stderr.String(), "stopped gracefully") {
 		t.Errorf("serve did not log a graceful stop:\n%s", stderr.String())
+	}
+	if _, err := io.Copy(io.Discard, stream.Body); err != nil {
+		t.Errorf("the event stream did not end cleanly: %v", err)
 	}
 }
 
