@@ -640,6 +640,10 @@ func (r *Runtime) applied(res migrator.Result, mark uint64) {
 		via = "check" // its own version read found the work done by another replica
 	}
 	r.modify(res.Lane, via, mark, func(st *migrator.LaneStatus) {
+		// The call has released the lane's lock if it took it: a read made while it ran (the
+		// listener's, on this replica's own notification, which arrives before the unlock)
+		// saw the lock held, and nothing else would say it is free now that the lane is done.
+		st.Locked = false
 		if res.To == st.Version {
 			return
 		}
