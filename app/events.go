@@ -116,6 +116,9 @@ func (r *Runtime) pageSnapshot(ctx context.Context, gen uint64, fresh bool) *pag
 	now := time.Now()
 	e.reads.Add(1)
 	snap = r.readPage(ctx)
+	if ctx.Err() != nil {
+		return nil // the caller went away during the read: its error is no state to show
+	}
 	e.mu.Lock()
 	if gen >= e.snapGen {
 		e.snap, e.snapGen = snap, gen
@@ -145,6 +148,8 @@ func (r *Runtime) serveEvents(w http.ResponseWriter, req *http.Request) {
 	default:
 	}
 	ctx := req.Context()
+	// A stream lasts: lift the server's WriteTimeout for it, where the writer allows.
+	_ = rc.SetWriteDeadline(time.Time{})
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("X-Accel-Buffering", "no") // nginx: do not buffer the stream

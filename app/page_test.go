@@ -357,3 +357,34 @@ func TestEventsEndAtShutdownAndClose(t *testing.T) {
 		}
 	}
 }
+
+// TestEventsOutliveTheServersWriteTimeout: a stream on a server with a WriteTimeout (1 ms
+// here: shorter than any page read) still delivers the state after a notification.
+func TestEventsOutliveTheServersWriteTimeout(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	r := e.replica(fastLane)
+	srv := httptest.NewUnstartedServer(r.Handler())
+	srv.Config.WriteTimeout = time.Millisecond
+	srv.Start()
+	defer srv.Close()
+	resp, err := srv.Client().Get(srv.URL + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	events := readEvents(resp.Body)
+	first := nextState(t, events)
+	conn, err := pgx.ConnectConfig(t.Context(), e.cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(t.Context(), `select pg_notify('lanes_done', '{"lane":"fast","version":2,"state":"done"}')`); err != nil {
+		t.Fatal(err)
+	}
+	if s := nextState(t, events); s.State.Replica.Notifications <= first.State.Replica.Notifications {
+		t.Fatalf("the state after a notification: %+v", s.State.Replica)
+	}
+	r.StopEvents()
+}
