@@ -222,6 +222,18 @@ func TestBatchedResumesAfterInterruption(t *testing.T) {
 	}
 }
 
+// visitWords is a Cursor batch over the words table: it adds one to n of the next size words
+// after cursor, in word order.
+func visitWords(ctx context.Context, tx pgx.Tx, cursor string, size int) (string, bool, error) {
+	var last *string
+	err := tx.QueryRow(ctx, `with b as (select w from words where w > $1 order by w limit $2), u as (update words set n = n + 1 where w in (select w from b))
+select max(w) from b`, cursor, size).Scan(&last)
+	if err != nil || last == nil {
+		return cursor, true, err
+	}
+	return *last, false, nil
+}
+
 func TestBatchedCursorForm(t *testing.T) {
 	t.Parallel()
 	cc, conn := setup(t)
@@ -235,13 +247,7 @@ func TestBatchedCursorForm(t *testing.T) {
 			if calls.Add(1) == 3 {
 				return "", false, errors.New("flaky")
 			}
-			var last *string
-			err := tx.QueryRow(ctx, `with b as (select w from words where w > $1 order by w limit $2), u as (update words set n = n + 1 where w in (select w from b))
-select max(w) from b`, cursor, size).Scan(&last)
-			if err != nil || last == nil {
-				return cursor, true, err
-			}
-			return *last, false, nil
+			return visitWords(ctx, tx, cursor, size)
 		}}}}}
 	m := batchedMigrator(t, cc, migrator.BatchConfig{Target: 5 * time.Millisecond}, lane)
 	if _, err := m.Migrate(ctx, "slow"); err == nil || !strings.Contains(err.Error(), "flaky") || !strings.Contains(err.Error(), "001_words.go") {
@@ -413,13 +419,7 @@ func TestBatchedCursorFormWithTotalHasAPercent(t *testing.T) {
 				}
 				seen = st[0].Progress
 			}
-			var last *string
-			err := tx.QueryRow(ctx, `with b as (select w from words where w > $1 order by w limit $2), u as (update words set n = n + 1 where w in (select w from b))
-select max(w) from b`, cursor, size).Scan(&last)
-			if err != nil || last == nil {
-				return cursor, true, err
-			}
-			return *last, false, nil
+			return visitWords(ctx, tx, cursor, size)
 		}}}}}
 	m = batchedMigrator(t, cc, migrator.BatchConfig{Target: 5 * time.Millisecond}, lane)
 	if res, err := m.Migrate(ctx, "slow"); err != nil || res.To != 1 {
