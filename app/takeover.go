@@ -242,8 +242,9 @@ func (r *Runtime) setWaiters(lane string, n int) {
 // listener listens, waits TakeoverInterval × the number of waiters, so that this backstop too
 // costs the fleet about one try per TakeoverInterval.
 func (r *Runtime) waitForHolder(ctx context.Context, lane string) error {
-	r.listener.CheckSoon() // join the lane's waiters now
+	r.lis().CheckSoon() // join the lane's waiters now
 	began := time.Now()
+	jitter := backoff.Jitter(time.Second) - time.Second // the same ±20 % of the backstop throughout
 	for {
 		r.mu.Lock()
 		s := r.state[lane]
@@ -252,17 +253,23 @@ func (r *Runtime) waitForHolder(ctx context.Context, lane string) error {
 		if !st.Locked || st.Done() {
 			return nil
 		}
+		// The backstop is worked out again on every wake-up: the count of waiters comes
+		// with this replica's first try of the successor key, after the wait began.
 		backstop := r.cfg.TakeoverInterval
-		if !successor && r.listener.Delivery() == notifier.DeliveryListening {
+		if !successor && r.delivery() == notifier.DeliveryListening {
 			backstop *= time.Duration(max(waiters, 1))
 		}
-		t := time.NewTimer(backoff.Jitter(backstop - time.Since(began)))
+		backstop += time.Duration(float64(backstop) * jitter.Seconds())
+		left := backstop - time.Since(began)
+		if left <= 0 {
+			return nil
+		}
+		t := time.NewTimer(left)
 		select {
 		case <-ctx.Done():
 			t.Stop()
 			return ctx.Err()
 		case <-t.C:
-			return nil
 		case <-changed:
 			t.Stop()
 		}
