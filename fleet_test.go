@@ -6,6 +6,7 @@ package main
 import (
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -129,4 +130,58 @@ select pg_sleep(case when exists (select 1 from hurry) then 0.2 else 60 end);`, 
 		})
 	}
 	checkHistoryExactlyOnce(t, conn, 4)
+}
+
+// TestFaultDoneReplicaHoldsNoConnection: a `lanes serve` replica whose lanes are all done holds
+// no server session at all (pg_stat_activity by its application_name), where it used to keep
+// its LISTEN connection for ever; /lanes reads with a short-lived connection and leaves none;
+// a lane moving backwards (seen by that read) makes it connect again, apply the lane and close
+// again. With LANES_KEEP_LISTENING=1 a replica keeps its one LISTEN connection.
+func TestFaultDoneReplicaHoldsNoConnection(t *testing.T) {
+	t.Parallel()
+	serverSlots.reserve(t, 2)
+	dbURL := pgtest.NewDB(t)
+	dir := testkit.WriteTree(t, map[string]string{
+		"fast/001_a.sql": "create table a (i int);",
+		"slow/001_b.sql": "create table if not exists b (i int);",
+	})
+	conn := pgtest.Connect(t, dbURL)
+	sessions := func(r *replica) int {
+		return pgtest.Scalar[int](t, conn, "select count(*)::int from pg_stat_activity where application_name = $1", r.appName())
+	}
+	idle := startReplica(t, "idle", dbURL, dir)
+	keep := startReplica(t, "keep", dbURL, dir, "LANES_KEEP_LISTENING=1")
+	for _, r := range []*replica{idle, keep} {
+		testkit.Eventually(t, "replica "+r.name+" knows every lane done", 2*time.Minute, func() bool {
+			v, ok := r.view()
+			return ok && len(v.Lanes) == 2 && v.Lanes[0].Done && v.Lanes[1].Done
+		})
+	}
+	testkit.Eventually(t, "the done replica holds no session", 2*time.Minute, func() bool { return sessions(idle) == 0 })
+	testkit.Eventually(t, "the replica told to keep listening holds its listener", 2*time.Minute, func() bool {
+		v, ok := keep.view()
+		return ok && v.Listener == "listening" && sessions(keep) == 1
+	})
+	if v, _ := idle.view(); v.Listener != "idle" {
+		t.Errorf("the done replica's listener is %q, want idle", v.Listener)
+	}
+	if code, _ := idle.get("/lanes"); code != 200 {
+		t.Fatalf("/lanes = %d", code)
+	}
+	testkit.Eventually(t, "no session left after /lanes", 2*time.Minute, func() bool { return sessions(idle) == 0 })
+
+	// The slow lane moves backwards: the next /lanes read sees it, and the replica connects
+	// again, applies the lane again and closes again.
+	if _, err := conn.Exec(t.Context(), "update lanes_slow_version set version = 0"); err != nil {
+		t.Fatal(err)
+	}
+	idle.get("/lanes")
+	testkit.Eventually(t, "the replica applies the slow lane again", 2*time.Minute, func() bool {
+		k, ok := idle.knows("slow")
+		return ok && k.Regressed != nil && k.Done
+	})
+	testkit.Eventually(t, "and holds no session again", 2*time.Minute, func() bool { return sessions(idle) == 0 })
+	if !strings.Contains(idle.log.String(), "connecting the listener again") {
+		t.Error("the replica did not say it connected its listener again")
+	}
 }

@@ -64,6 +64,13 @@ type Config struct {
 	// (lanes serve sets it). Permanent errors (a refused password, a failed migration) are
 	// returned at once either way. Default: false.
 	WaitForDatabase bool
+	// KeepListening keeps the listener's connection open once every lane is done. By default a
+	// replica whose lanes are all done (or ahead) closes it and holds no connection between
+	// deploys; it connects again while something needs it: a WaitVersion for a version not
+	// reached, a Listen caller, a lane no longer done (a status read found its version moved
+	// backwards). Meanwhile a lane moving backwards is noticed only by a status read (/lanes).
+	// Default: false.
+	KeepListening bool
 	// Now returns the time recorded when this replica learns a lane is done. Default: time.Now.
 	Now func() time.Time
 	// CloseTimeout bounds how long Close waits for what it cancels: a Start still applying the
@@ -87,7 +94,8 @@ type Runtime struct {
 	log   zerolog.Logger
 	lanes []migrator.LaneInfo
 
-	listener *notifier.Listener
+	listener *notifier.Listener // guarded by mu: replaced when the listener is started again
+	ncfg     notifier.Config    // the listener's settings
 	metrics  *metrics
 	trace    *migrator.Trace   // feeds metrics from the migrator's calls
 	hints    *hints            // the listener's pending reactions to notifications
@@ -112,7 +120,10 @@ type Runtime struct {
 	// again, so a lane waiting out its retry backoff tries at once (see backoff).
 	back chan struct{}
 	// readOnly is the server found refusing this replica's writes; nil while it takes them.
-	readOnly *ReadOnly
+	readOnly    *ReadOnly
+	listenerOff bool           // the listener was stopped because nothing needs it (listener.go)
+	holds       int            // callers that need the listener: Listen, WaitVersion
+	pastStats   notifier.Stats // the counters of the listeners stopped before this one
 }
 
 type laneState struct {
@@ -195,7 +206,8 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	if ncfg.BeforeConnect == nil {
 		ncfg.BeforeConnect = engine.BeforeConnect(m)
 	}
-	l, err := notifier.New(m.ConnConfig(), ncfg, r.sync)
+	r.ncfg = ncfg
+	l, err := r.newListener()
 	if err != nil {
 		return nil, fmt.Errorf("app: %w", err)
 	}
@@ -229,7 +241,7 @@ func (r *Runtime) Start(ctx context.Context) error {
 
 	err := r.start(sctx, ctx)
 	if err != nil {
-		r.listener.Stop()
+		r.lis().Stop()
 		if r.isClosed() {
 			return fmt.Errorf("app: start interrupted by Close: %w", errors.Join(ErrClosed, err))
 		}
@@ -241,7 +253,7 @@ func (r *Runtime) Start(ctx context.Context) error {
 // start is Start's work on sctx, which Close cancels; ctx is the caller's, whose values the
 // background goroutine keeps.
 func (r *Runtime) start(sctx, ctx context.Context) error {
-	if err := r.untilUsable(sctx, func(ctx context.Context) error { return r.listener.Start(ctx) }); err != nil {
+	if err := r.untilUsable(sctx, func(ctx context.Context) error { return r.lis().Start(ctx) }); err != nil {
 		return fmt.Errorf("app: %w", err)
 	}
 	for _, l := range r.lanes {
@@ -273,12 +285,16 @@ func (r *Runtime) start(sctx, ctx context.Context) error {
 		return errors.New("app: closed while starting")
 	}
 	r.ready, r.cancel = true, cancel
-	r.wg.Add(1)
+	r.wg.Add(2)
 	r.mu.Unlock()
 	r.log.Info().Msg("blocking lanes applied; replica ready")
 	go func() {
 		defer r.wg.Done()
 		r.runBackground(bctx)
+	}()
+	go func() {
+		defer r.wg.Done()
+		r.keepListener(bctx)
 	}()
 	return nil
 }
@@ -386,7 +402,7 @@ func (r *Runtime) Close() error {
 		errs = append(errs, fmt.Errorf("app: close: %s still running after %s: a migration ignores its context; left behind", what, r.cfg.CloseTimeout))
 		r.log.Error().Float64("close_timeout_s", r.cfg.CloseTimeout.Seconds()).Msgf("close: %s still running; giving up waiting", what)
 	}
-	r.listener.Stop()
+	r.lis().Stop()
 	r.closeErr = errors.Join(errs...)
 	return r.closeErr
 }
@@ -450,12 +466,19 @@ func (e *FailedError) Error() string {
 
 // WaitVersion blocks until the lane has reached version (or later), ctx is done, or a migration
 // the wait depends on has failed permanently (a *FailedError). It returns at once when the
-// version is already reached. It costs no query: it waits for the listener's updates.
+// version is already reached. It costs no query: it waits for the listener's updates (and
+// connects the listener again meanwhile if the replica had closed it, every lane being done).
 func (r *Runtime) WaitVersion(ctx context.Context, lane string, version int32) error {
 	info, ok := r.m.Lane(lane)
 	if !ok {
 		return fmt.Errorf("app: lane %q: %w", lane, migrator.ErrUnknownLane)
 	}
+	held := false
+	defer func() {
+		if held {
+			r.hold(-1)
+		}
+	}()
 	for {
 		r.mu.Lock()
 		s := r.state[lane]
@@ -466,6 +489,12 @@ func (r *Runtime) WaitVersion(ctx context.Context, lane string, version int32) e
 		}
 		if f := lanestate.BlockingFailure(info, st, version); f != nil {
 			return &FailedError{Lane: lane, Failure: *f, Err: st.Error}
+		}
+		if !held {
+			// The listener, closed once every lane is done, is needed again while this waits.
+			held = true
+			r.hold(1)
+			continue
 		}
 		select {
 		case <-ctx.Done():
@@ -527,8 +556,8 @@ type KnownLane struct {
 
 // View returns what this replica knows, without any query.
 func (r *Runtime) View() ReplicaView {
-	stats := r.listener.Stats()
-	v := ReplicaView{Ready: r.Ready(), Listener: r.listener.Delivery(), Notifications: stats.Notifications, Polls: stats.Polls}
+	stats := r.listenerStats()
+	v := ReplicaView{Ready: r.Ready(), Listener: r.delivery(), Notifications: stats.Notifications, Polls: stats.Polls}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.lastNotice != nil {
@@ -619,7 +648,7 @@ func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notificati
 		return err
 	}
 	via := "connect"
-	if r.listener != nil && r.listener.Delivery() == notifier.DeliveryPolling {
+	if r.delivery() == notifier.DeliveryPolling {
 		via = "poll"
 	}
 	r.forgetWatches()                                    // a new session holds none of the old one's keys

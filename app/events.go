@@ -150,6 +150,10 @@ func (r *Runtime) serveEvents(w http.ResponseWriter, req *http.Request) {
 	ctx := req.Context()
 	// A stream lasts: lift the server's WriteTimeout for it, where the writer allows.
 	_ = rc.SetWriteDeadline(time.Time{})
+	// A subscriber follows every change: the listener stays connected while the stream runs,
+	// even once every lane is done.
+	release := r.Listen()
+	defer release()
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("X-Accel-Buffering", "no") // nginx: do not buffer the stream

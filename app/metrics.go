@@ -16,7 +16,7 @@ var laneStates = []migrator.State{migrator.StatePending, migrator.StateRunning, 
 	migrator.StateFailed, migrator.StateDrift, migrator.StateDone, migrator.StateAhead}
 
 // listenerModes are the values of lanes_listener_mode's mode label.
-var listenerModes = []notifier.Delivery{notifier.DeliveryConnecting, notifier.DeliveryListening, notifier.DeliveryPolling, notifier.DeliveryStopped}
+var listenerModes = []notifier.Delivery{notifier.DeliveryConnecting, notifier.DeliveryListening, notifier.DeliveryPolling, notifier.DeliveryStopped, DeliveryIdle}
 
 // metrics is the Runtime's prometheus.Collector. The lane gauges are read from the replica's
 // own view at scrape time (no query: they are what the replica learned through its listener);
@@ -65,7 +65,7 @@ func newMetrics(r *Runtime) *metrics {
 		locked:        prometheus.NewDesc("lanes_lane_locked", "1 when a session was last seen holding the lane's lock, else 0.", lane, nil),
 		state:         prometheus.NewDesc("lanes_lane_state", "1 for the lane's current state, 0 for the other states.", []string{"lane", "state"}, nil),
 		ready:         prometheus.NewDesc("lanes_ready", "1 once the blocking lanes are applied and the replica is ready, else 0.", nil, nil),
-		mode:          prometheus.NewDesc("lanes_listener_mode", "1 for the listener's current mode (connecting, listening, polling, stopped), 0 for the others.", []string{"mode"}, nil),
+		mode:          prometheus.NewDesc("lanes_listener_mode", "1 for the listener's current mode (connecting, listening, polling, stopped, idle: closed while every lane is done), 0 for the others.", []string{"mode"}, nil),
 		notifications: prometheus.NewDesc("lanes_notifications_received_total", "Notifications the replica's listener received (its own probes excluded).", nil, nil),
 		reconnects:    prometheus.NewDesc("lanes_listener_reconnects_total", "Times the listener connected again after its first connection.", nil, nil),
 		rowsDone: prometheus.NewDesc("lanes_backfill_rows_done", "Keys walked so far by the lane's running batched migration (batches, for a cursor walk), as this replica last learned it; absent while none runs.",
@@ -150,11 +150,11 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	ch <- prometheus.MustNewConstMetric(m.ready, prometheus.GaugeValue, b(ready))
-	mode := r.listener.Delivery()
+	mode := r.delivery()
 	for _, md := range listenerModes {
 		ch <- prometheus.MustNewConstMetric(m.mode, prometheus.GaugeValue, b(md == mode), string(md))
 	}
-	stats := r.listener.Stats()
+	stats := r.listenerStats()
 	ch <- prometheus.MustNewConstMetric(m.notifications, prometheus.CounterValue, float64(stats.Notifications))
 	ch <- prometheus.MustNewConstMetric(m.reconnects, prometheus.CounterValue, float64(max(0, stats.Connects-1)))
 	ch <- prometheus.MustNewConstMetric(m.polls, prometheus.CounterValue, float64(stats.Polls))

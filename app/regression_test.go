@@ -52,7 +52,10 @@ func TestVersionMovedBackwardsIsNoticedAndAppliedAgain(t *testing.T) {
 	var logs [2]logbuf.Buffer
 	var rs [2]*app.Runtime
 	for i := range rs {
-		rs[i] = e.runtimeWith(func(c *app.Config) { c.Logger = zerolog.New(&logs[i]) }, fastLane, slow)
+		// Replica 0 closes its listener once every lane is done (the default) and notices the
+		// regression on its next status read; replica 1 keeps listening and notices it on its
+		// listener's reconnect too.
+		rs[i] = e.runtimeWith(func(c *app.Config) { c.Logger, c.KeepListening = zerolog.New(&logs[i]), i == 1 }, fastLane, slow)
 		if err := rs[i].Start(context.Background()); err != nil {
 			t.Fatal(err)
 		}

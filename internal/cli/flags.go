@@ -76,6 +76,7 @@ func (g *globals) resolve(getenv func(string) string, set map[string]bool, termi
 // defaults of app.Config and notifier.Config.
 type tuning struct {
 	takeover, ping, poll, relisten time.Duration
+	keepListening                  bool // LANES_KEEP_LISTENING
 }
 
 // tuning reads the LANES_*_INTERVAL environment variables of serve and wait.
@@ -99,6 +100,13 @@ func (c *command) tuning() (tuning, error) {
 			return tu, usageErrorf("invalid %s=%q: want a duration such as 500ms or 2s", v.name, s)
 		}
 		*v.dst = d
+	}
+	switch s := strings.TrimSpace(c.env.getenv("LANES_KEEP_LISTENING")); strings.ToLower(s) {
+	case "", "0", "false", "no", "off":
+	case "1", "true", "yes", "on":
+		tu.keepListening = true
+	default:
+		return tu, usageErrorf("invalid LANES_KEEP_LISTENING=%q: want 1 or 0", s)
 	}
 	return tu, nil
 }

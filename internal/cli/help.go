@@ -96,13 +96,16 @@ Usage:
 
 const helpTuning = `Tuning for serve and wait (environment variables only; unset or 0: the default; values are Go
 durations such as 500ms, 2s or 1m):
-  LANES_PING_INTERVAL      how often the LISTEN connection is checked (a ping, or for a replica
-                           waiting for another's background lane, a test of that lane's lock):
-                           a dead or half-open connection is replaced, and a lane whose applier
-                           died is taken over (default 5s)
-  LANES_TAKEOVER_INTERVAL  serve: the longest a replica waiting for another's background lane
-                           goes without trying the lane's lock itself, a backstop to the check
-                           above (default 1m, +-20 %)
+  LANES_PING_INTERVAL      how often the LISTEN connection is checked (a ping): a dead or
+                           half-open connection is replaced (default 5s); the one replica
+                           designated to take a background lane over checks the lane's lock
+                           every second
+  LANES_TAKEOVER_INTERVAL  serve: the longest the replica designated to take a background lane
+                           over goes without trying the lane's lock itself, a backstop to its
+                           check (default 1m, +-20 %; other waiting replicas: that times their
+                           number)
+  LANES_KEEP_LISTENING     serve: 1 keeps the LISTEN connection open once every lane is done
+                           (default 0: closed between deploys, opened again when needed)
   LANES_POLL_INTERVAL      how often the lanes are re-read while LISTEN is unavailable (a hot
                            standby, a pooler in transaction mode) (default 5s)
   LANES_RELISTEN_INTERVAL  how often LISTEN is tried again while polling (default 1m)

@@ -49,7 +49,7 @@ func runServe(ctx context.Context, c *command, addr string) error {
 	if err != nil {
 		return err
 	}
-	r, err := app.New(m, app.Config{Logger: c.log, TakeoverInterval: tu.takeover, Notifier: tu.notifierConfig(), WaitForDatabase: true})
+	r, err := app.New(m, app.Config{Logger: c.log, TakeoverInterval: tu.takeover, Notifier: tu.notifierConfig(), WaitForDatabase: true, KeepListening: tu.keepListening})
 	if err != nil {
 		return err
 	}
