@@ -608,11 +608,16 @@ func (r *Runtime) statusOn(ctx context.Context, conn *pgx.Conn) (Status, error) 
 	if err == nil {
 		// Only a lane that moved backwards is taken from this read: what the replica learns
 		// otherwise comes from its listener and its own migrations (KnownLane.Via says which).
+		// While the listener is closed (every lane done) this read is all there is: it is
+		// taken whole, so that a later deploy's versions show too.
 		var back []migrator.LaneStatus
 		for _, l := range lanes {
 			if r.movedBack(l.Name, l.Version, mark) {
 				back = append(back, l)
 			}
+		}
+		if r.delivery() == DeliveryIdle {
+			back = lanes
 		}
 		r.update(back, "status", mark)
 		err = r.m.AddDrift(ctx, conn, lanes)
