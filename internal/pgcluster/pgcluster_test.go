@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -147,9 +148,37 @@ func TestStartFailures(t *testing.T) {
 	}
 }
 
+// serverOnlyBinDir returns a directory holding only links to initdb, pg_ctl and postgres, as
+// the server builds without client programs (no pg_basebackup) do.
+func serverOnlyBinDir(t *testing.T) string {
+	t.Helper()
+	from, err := pgcluster.FindBinaries()
+	if errors.Is(err, pgcluster.ErrNoBinaries) && os.Getenv("LANES_TEST_REQUIRE_DB") != "1" {
+		t.Skip(err)
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp("", "pgcluster-bin-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil { // the postgres user runs them when we are root
+		t.Fatal(err)
+	}
+	for _, name := range []string{"initdb", "pg_ctl", "postgres"} {
+		if err := os.Symlink(filepath.Join(from, name), filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// TestStandbyReplaysThePrimaryAndRefusesListen builds the standby from server binaries alone
+// (no pg_basebackup), as on the server builds CI tests PostgreSQL 13 to 18 with.
 func TestStandbyReplaysThePrimaryAndRefusesListen(t *testing.T) {
 	t.Parallel()
-	primary := startCluster(t, pgcluster.Options{})
+	primary := startCluster(t, pgcluster.Options{BinDir: serverOnlyBinDir(t)})
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
 	standby, err := primary.StartStandby(ctx)
