@@ -159,6 +159,13 @@ func TestServeWaitsForAPrimary(t *testing.T) {
 		t.Errorf("replica %s: /healthz = %d, want 200", r.name, code)
 	}
 	r.stop(t)
+	// Its sessions end after the process: wait until they have, or a slot one of them frees
+	// after the filling lets the second replica in. The superuser session that watches stays
+	// open to the end, so that it frees no slot either.
+	watch := pgtest.Connect(t, c.ConnString("postgres"))
+	testkit.Eventually(t, "the stopped replica's sessions end", time.Minute, func() bool {
+		return pgtest.Scalar[int](t, watch, "select count(*) from pg_stat_activity where datname = 'appdb'") == 0
+	})
 	// Fill every slot a non-superuser may take (max_connections 8 minus 3 reserved).
 	var held []*pgx.Conn
 	t.Cleanup(func() {

@@ -225,3 +225,36 @@ func TestStandbyReplaysThePrimaryAndRefusesListen(t *testing.T) {
 		t.Fatalf("LISTEN on the standby: %v, want SQLSTATE 25006", err)
 	}
 }
+
+// TestKillLosesNoCommit commits and kills the server at once, as crash tests do: the commit
+// survives the crash and the restart (a cluster with synchronous_commit off lost it).
+func TestKillLosesNoCommit(t *testing.T) {
+	t.Parallel()
+	c := startCluster(t, pgcluster.Options{})
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	exec := func(sql string, args ...any) {
+		t.Helper()
+		conn, err := pgx.Connect(ctx, c.ConnString("postgres"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close(context.WithoutCancel(ctx))
+		if _, err := conn.Exec(ctx, sql, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	exec("create table committed (i int)")
+	for i := range 5 {
+		exec("insert into committed values ($1)", i)
+		if err := c.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Restart(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if n, err := queryInt(ctx, c.ConnString("postgres"), "select count(*) from committed"); err != nil || n != i+1 {
+			t.Fatalf("after the crash %d: %d rows committed before it survive, want %d (%v)", i+1, n, i+1, err)
+		}
+	}
+}
