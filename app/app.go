@@ -139,6 +139,7 @@ type laneState struct {
 	raisedAt     uint64      // r.seq when the version was last raised
 	regressed    *Regression // the last time the version was seen moving backwards
 	successor    bool        // this replica is the lane's designated successor (see takeover.go)
+	holderPID    int32       // the backend holding the lane's lock when this replica began waiting; 0: unknown
 	waiters      int         // replicas waiting for the lane, as last counted by this one
 }
 
@@ -542,7 +543,10 @@ type KnownLane struct {
 	Role    string `json:"role,omitempty"` // applying: this replica holds the lane; waiting: another does
 	// Successor is true while this replica is the waiting replica designated to take the
 	// lane over (see Config.SuccessorInterval).
-	Successor bool       `json:"successor,omitempty"`
+	Successor bool `json:"successor,omitempty"`
+	// HolderPID is the server backend this replica saw holding the lane's lock when it began
+	// waiting: its notifications about the lane are trusted without a read. 0 when unknown.
+	HolderPID int32      `json:"holder_pid,omitempty"`
 	Via       string     `json:"via,omitempty"`     // how it learned the lane was done: applied, notification, connect, poll, check
 	DoneAt    *time.Time `json:"done_at,omitempty"` // when it learned it
 	Paused    bool       `json:"paused"`            // an operator paused the lane
@@ -570,7 +574,7 @@ func (r *Runtime) View() ReplicaView {
 	}
 	for _, l := range r.lanes {
 		s := r.state[l.Name]
-		k := KnownLane{Name: l.Name, Version: s.status.Version, Done: s.status.Done(), Role: s.role, Successor: s.successor, Via: s.via, Paused: s.status.Paused, Progress: s.status.Progress}
+		k := KnownLane{Name: l.Name, Version: s.status.Version, Done: s.status.Done(), Role: s.role, Successor: s.successor, HolderPID: s.holderPID, Via: s.via, Paused: s.status.Paused, Progress: s.status.Progress}
 		if s.regressed != nil {
 			rg := *s.regressed
 			k.Regressed = &rg

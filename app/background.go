@@ -171,6 +171,7 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			retries = 0
 			r.setLocked(l.Name, true, "check")
 			r.setRole(l.Name, "waiting")
+			r.readHolder(ctx, *conn, l.Name)
 			closeQuietly(*conn)
 			*conn = nil
 			waited = true

@@ -82,6 +82,11 @@ func (r *Runtime) reactTo(n *pgconn.Notification) {
 	case ev.State == wire.Failed || ev.Control != "":
 		// A failure or an operator's control: the full status says what is true.
 		r.hints.pending[reaction{kind: reactStatus}] = true
+	case (ev.State == wire.Applied || ev.State == wire.Done) && r.fromHolder(ev.Lane, n.PID):
+		// Sent by the backend that holds the lane's lock (PostgreSQL names the sending
+		// backend; no client can forge that): the version it announces is what it committed,
+		// no read needed.
+		r.trust(ev.Lane, ev.Version)
 	default:
 		// A migration committed: only that lane's version changed.
 		r.hints.pending[reaction{lane: ev.Lane, kind: reactRead}] = true
@@ -166,23 +171,40 @@ func (r *Runtime) run(ctx context.Context, conn *pgx.Conn, x reaction) error {
 			// The lane moved backwards: read its full state (lock, failure).
 			return r.readStatus(ctx, conn, via)
 		}
-		r.modify(x.lane, via, mark, func(st *migrator.LaneStatus) {
-			if v <= st.Version {
-				return
-			}
-			st.Version = v
-			if st.Failure != nil && st.Failure.Version <= v {
-				st.Failure, st.Error = nil, ""
-			}
-			switch {
-			case v > st.Latest:
-				st.State, st.Locked = migrator.StateAhead, false
-			case v == st.Latest:
-				st.State, st.Locked = migrator.StateDone, false
-			}
-		})
+		r.modify(x.lane, via, mark, func(st *migrator.LaneStatus) { raise(st, v) })
 	}
 	return nil
+}
+
+// fromHolder reports whether pid is the backend this replica last saw holding the lane's lock.
+func (r *Runtime) fromHolder(lane string, pid uint32) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	h := r.state[lane].holderPID
+	return h != 0 && uint32(h) == pid
+}
+
+// trust records a version announced by the lane's lock holder, as a read of it would.
+func (r *Runtime) trust(lane string, v int32) {
+	r.modify(lane, "notification", noRead, func(st *migrator.LaneStatus) { raise(st, v) })
+}
+
+// raise sets the lane's version to v if that is higher, with what follows from it: a failure
+// of an earlier version is over, and the lane is done (or ahead) at its latest version.
+func raise(st *migrator.LaneStatus, v int32) {
+	if v <= st.Version {
+		return
+	}
+	st.Version = v
+	if st.Failure != nil && st.Failure.Version <= v {
+		st.Failure, st.Error = nil, ""
+	}
+	switch {
+	case v > st.Latest:
+		st.State, st.Locked = migrator.StateAhead, false
+	case v == st.Latest:
+		st.State, st.Locked = migrator.StateDone, false
+	}
 }
 
 // readStatus reads the full status, which settles every pending reaction.

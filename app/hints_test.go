@@ -140,3 +140,78 @@ from generate_series(1, $1) g`, floodSize)
 		t.Fatalf("slow migration ran %d times, want 1", n)
 	}
 }
+
+// While a lane runs, a notification from the backend that holds the lane's lock is trusted
+// without a read, and anything else is verified: an attacker's backend sending a well-formed
+// "done" payload costs the waiting replicas a verifying read and makes nothing done; the
+// holder's own completion then costs them no statement at all (before, every replica re-read
+// the lane's version after each notification, the holder's included).
+func TestHolderNotificationsNeedNoRead(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	g := newGate()
+	applier := e.replica(fastLane, slowLane(g))
+	waitStarted(t, g)
+
+	counters := []*counter{{}, {}}
+	var waiters []*app.Runtime
+	for _, c := range counters {
+		m, err := migrator.New(c.counted(e.cc), []migrator.Lane{fastLane, slowLane(g)}, migrator.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// No listener check and no backstop within the test: what the waiters send is what
+		// the notifications make them send.
+		r, err := app.New(m, app.Config{Logger: zerolog.New(os.Stderr).Level(zerolog.InfoLevel), TakeoverInterval: time.Hour,
+			SuccessorInterval: time.Hour, FleetInterval: time.Hour, Notifier: notifier.Config{PingInterval: time.Hour}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		if err := r.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		waiters = append(waiters, r)
+	}
+	testkit.Eventually(t, "both replicas wait, knowing the lock's holder", time.Minute, func() bool {
+		for _, r := range waiters {
+			if k := r.View().Lanes[1]; k.Role != "waiting" || k.HolderPID == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	statements := func() []int64 {
+		var out []int64
+		for _, c := range counters {
+			out = append(out, c.statements.Load())
+		}
+		return out
+	}
+
+	// The attacker: a well-formed "done" of the slow lane's latest version, while it runs.
+	before, received := statements(), []int{waiters[0].View().Notifications, waiters[1].View().Notifications}
+	e.exec(`select pg_notify('lanes_done', '{"lane":"slow","version":2,"state":"done","file":"002_after.sql"}')`)
+	for i, r := range waiters {
+		testkit.Eventually(t, fmt.Sprintf("replica %d verifies the spoofed completion", i), time.Minute, func() bool {
+			return r.View().Notifications > received[i] && counters[i].statements.Load() > before[i]
+		})
+		if r.IsDone("slow") {
+			t.Fatalf("replica %d believes a spoofed completion", i)
+		}
+	}
+
+	// The holder's completion: no statement at all.
+	before = statements()
+	close(g.release)
+	waitDone(t, applier, "slow")
+	for i, r := range waiters {
+		waitDone(t, r, "slow")
+		if via := r.View().Lanes[1].Via; via != "notification" {
+			t.Errorf("replica %d learned the completion via %q, want notification", i, via)
+		}
+		if n := counters[i].statements.Load() - before[i]; n != 0 {
+			t.Errorf("replica %d sent %d statements to learn its lane's holder completed it, want 0", i, n)
+		}
+	}
+}

@@ -210,9 +210,32 @@ func (r *Runtime) lockFree(ctx context.Context, conn *pgx.Conn, lane string) (bo
 	return free, err
 }
 
-// setLocked records whether the lane's lock was seen held.
+// setLocked records whether the lane's lock was seen held. A lock seen free forgets its holder.
 func (r *Runtime) setLocked(lane string, locked bool, via string) {
+	if !locked {
+		r.setHolder(lane, 0)
+	}
 	r.modify(lane, via, noRead, func(st *migrator.LaneStatus) { st.Locked = locked })
+}
+
+// readHolder reads, once when this replica begins waiting for the lane, which backend holds
+// the lane's lock: its notifications are then trusted without a read (see reactTo). A failed
+// read only leaves the holder unknown.
+func (r *Runtime) readHolder(ctx context.Context, conn *pgx.Conn, lane string) {
+	holders, err := r.m.LockHolders(ctx, conn)
+	if err != nil {
+		r.log.Debug().Err(err).Str("lane", lane).Msg("cannot read the lane's lock holder; its notifications will be verified")
+		r.setHolder(lane, 0)
+		return
+	}
+	r.setHolder(lane, holders[lane].PID)
+}
+
+// setHolder records the backend holding the lane's lock (0: unknown).
+func (r *Runtime) setHolder(lane string, pid int32) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.state[lane].holderPID = pid
 }
 
 // setSuccessor records whether this replica is the lane's designated successor, and wakes the
