@@ -6,6 +6,10 @@
 // of a lane's progress through the listener and re-reads the version tables before believing
 // it, so a feature can wait for a lane with Done, IsDone, Wait or WaitVersion.
 //
+// Handler serves what an orchestrator and an operator need: probes, the lanes as JSON,
+// Prometheus metrics, and a live page (server-rendered HTML with a small embedded script) that
+// follows the replica's notifications through Server-Sent Events.
+//
 // Lifecycle: New (no I/O), Start (fails fast, returns once ready), Close (idempotent; cancels a
 // Start in progress and the background lanes, and waits for them at most Config.CloseTimeout,
 // 15s by default, so a migration that ignores its context cannot hang a shutdown). All methods

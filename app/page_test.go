@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -17,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/app"
+	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 )
@@ -387,4 +389,47 @@ func TestEventsOutliveTheServersWriteTimeout(t *testing.T) {
 		t.Fatalf("the state after a notification: %+v", s.State.Replica)
 	}
 	r.StopEvents()
+}
+
+// A service mounts the replica's endpoints, the live page included, on its own server; the
+// page's links are relative, so it works under a prefix that keeps its trailing slash.
+func ExampleRuntime_Handler() {
+	cc, err := pgx.ParseConfig(pgtest.ExampleDB())
+	if err != nil {
+		panic(err)
+	}
+	fast := migrator.Lane{Name: "fast", FS: fstest.MapFS{"001_create.sql": {Data: []byte("create table notes (id int);")}}}
+	m, err := migrator.New(cc, []migrator.Lane{fast}, migrator.Config{})
+	if err != nil {
+		panic(err)
+	}
+	r, err := app.New(m, app.Config{})
+	if err != nil {
+		panic(err)
+	}
+	defer r.Close()
+	if err := r.Start(context.Background()); err != nil {
+		panic(err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/lanes/", http.StripPrefix("/lanes", r.Handler())) // the page at /lanes/
+	srv := httptest.NewUnstartedServer(mux)
+	srv.Config.RegisterOnShutdown(r.StopEvents) // Shutdown would wait for open /lanes/events streams
+	srv.Start()
+	defer srv.Close()
+
+	resp, err := http.Get(srv.URL + "/lanes/")
+	if err != nil {
+		panic(err)
+	}
+	defer resp.Body.Close()
+	page, err := io.ReadAll(resp.Body)
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(resp.Header.Get("Content-Type"))
+	fmt.Println(strings.Contains(string(page), `data-lane="fast" data-state="done"`))
+	// Output:
+	// text/html; charset=utf-8
+	// true
 }
