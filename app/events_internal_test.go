@@ -26,7 +26,19 @@ func TestPageReadsAreSharedByStreams(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := migrator.New(cc, []migrator.Lane{{Name: "fast", FS: fstest.MapFS{"001_a.sql": testkit.File("select 1;")}}}, migrator.Config{})
+	// The slow lane's migration runs until the end, so the listener stays connected throughout
+	// (a replica whose lanes are all done closes it, and opens it again for a stream).
+	started := make(chan struct{}, 1)
+	slow := migrator.Lane{Name: "slow", Mode: migrator.Background, Funcs: []migrator.GoMigration{{Version: 1, Name: "forever",
+		Up: func(ctx context.Context, _ pgx.Tx) error {
+			select {
+			case started <- struct{}{}:
+			default:
+			}
+			<-ctx.Done()
+			return ctx.Err()
+		}}}}
+	m, err := migrator.New(cc, []migrator.Lane{{Name: "fast", FS: fstest.MapFS{"001_a.sql": testkit.File("select 1;")}}, slow}, migrator.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,6 +51,11 @@ func TestPageReadsAreSharedByStreams(t *testing.T) {
 	defer cancel()
 	if err := r.Start(ctx); err != nil {
 		t.Fatal(err)
+	}
+	select {
+	case <-started:
+	case <-ctx.Done():
+		t.Fatal("the slow lane never started")
 	}
 	srv := httptest.NewServer(r.Handler())
 	defer srv.Close()

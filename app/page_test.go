@@ -365,7 +365,9 @@ func TestEventsEndAtShutdownAndClose(t *testing.T) {
 func TestEventsOutliveTheServersWriteTimeout(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	r := e.replica(fastLane)
+	g := newGate()
+	r := e.replica(fastLane, slowLane(g))
+	waitStarted(t, g) // a lane not done: the listener stays connected throughout
 	srv := httptest.NewUnstartedServer(r.Handler())
 	srv.Config.WriteTimeout = time.Millisecond
 	srv.Start()
