@@ -77,18 +77,26 @@ var autoFailoverTimeouts = map[string]string{
 // StartAutoFailover creates and starts a formation (about 10 s) and returns once one node is
 // primary and the other a secondary. The caller must call [AutoFailover.Stop]. On failure
 // nothing is left running. The error wraps [ErrNoAutoFailover] when pg_auto_failover is not
-// installed.
+// installed, or not for the PostgreSQL that LANES_PG_BINDIR names (Debian builds it for
+// PostgreSQL 15 only).
 func StartAutoFailover(ctx context.Context, opts AutoFailoverOptions) (*AutoFailover, error) {
 	autoctl, err := exec.LookPath("pg_autoctl")
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrNoAutoFailover, err)
 	}
-	exts, _ := filepath.Glob("/usr/lib/postgresql/*/lib/pgautofailover.so")
 	var bindir string
-	for _, so := range exts {
-		dir := filepath.Join(filepath.Dir(filepath.Dir(so)), "bin")
-		if missingBinary(dir) == "" {
-			bindir = dir
+	if dir := os.Getenv("LANES_PG_BINDIR"); dir != "" {
+		// The formation must be of the PostgreSQL the tests are told to use.
+		if _, err := os.Stat(filepath.Join(filepath.Dir(dir), "lib", "pgautofailover.so")); err != nil {
+			return nil, fmt.Errorf("%w: none for the PostgreSQL of LANES_PG_BINDIR=%s", ErrNoAutoFailover, dir)
+		}
+		bindir = dir
+	} else {
+		exts, _ := filepath.Glob("/usr/lib/postgresql/*/lib/pgautofailover.so")
+		for _, so := range exts {
+			if dir := filepath.Join(filepath.Dir(filepath.Dir(so)), "bin"); missingBinary(dir) == "" {
+				bindir = dir
+			}
 		}
 	}
 	if bindir == "" {
