@@ -104,6 +104,9 @@ func failoverBackfill(t *testing.T, f *pgcluster.AutoFailover, n int) {
 	for i := range n {
 		rs = append(rs, startReplica(t, "backfill"+strconv.Itoa(i+1), dbURL, dir, backfillEnv...))
 	}
+	for _, r := range rs {
+		testkit.Eventually(t, "replica "+r.name+" ready", 2*time.Minute, r.ready)
+	}
 	conn := pgtest.Connect(t, dbURL)
 	testkit.Eventually(t, "a quarter walked", 3*time.Minute, func() bool { return walked(t, conn) >= backfillRows/4 })
 	conn.Close(context.Background())
@@ -166,6 +169,16 @@ select pg_sleep(case when exists (select 1 from hurry) then 0.2 else 60 end);`,
 			"slow/003_last.sql": "insert into runs (version) values (3);",
 		})
 	}
+	var standbyWait *process
+	if kind == "none" {
+		// `lanes wait` on the standby alone, with the default settings: LISTEN is refused
+		// there, so it polls (every 5 s) the version tables the standby replays.
+		other := "node1"
+		if primary == "node1" {
+			other = "node2"
+		}
+		standbyWait = startLanes(t, []string{"DATABASE_URL=" + f.NodeURL(other, kind), "LANES_MIGRATIONS=" + dir}, "wait", "--lane", "slow", "--timeout", "3m")
+	}
 	var rs []*replica
 	for i := range n {
 		rs = append(rs, startReplica(t, kind+strconv.Itoa(i+1), dbURL, dir))
@@ -219,15 +232,27 @@ select pg_sleep(case when exists (select 1 from hurry) then 0.2 else 60 end);`,
 	if code, _ := m.wait(t, 4*time.Minute); code != 0 {
 		t.Fatalf("lanes migrate exited %d across the %s failover:\n%s", code, kind, m.stderr.String())
 	}
-	var learned time.Time
+	var learned, first time.Time // when the last and the first replica learned the lane was done
 	for _, r := range rs {
 		testkit.Eventually(t, "replica "+r.name+" knows the slow lane is done", 2*time.Minute, func() bool {
 			k, ok := r.knows("slow")
-			if ok && k.Done && k.DoneAt != nil && k.DoneAt.After(learned) {
-				learned = *k.DoneAt
+			if ok && k.Done && k.DoneAt != nil {
+				if k.DoneAt.After(learned) {
+					learned = *k.DoneAt
+				}
+				if first.IsZero() || k.DoneAt.Before(first) {
+					first = *k.DoneAt
+				}
 			}
 			return ok && k.Done
 		})
+	}
+	if standbyWait != nil {
+		code, at := standbyWait.wait(t, 2*time.Minute)
+		if code != 0 {
+			t.Fatalf("lanes wait on the standby exited %d:\n%s", code, standbyWait.stderr.String())
+		}
+		figure(t, "standby_wait_exit_after_done_default_settings", at.Sub(first), 0)
 	}
 	for _, r := range rs {
 		select {
