@@ -56,7 +56,9 @@ type Config struct {
 	FleetInterval time.Duration
 	// RetryMin and RetryMax bound the backoff between retries of a migration that failed with
 	// a transient error (serialization failure, deadlock, lock timeout, lost connection).
-	// Defaults: 1s and 1m.
+	// Defaults: 1s and 1m. A lane waiting out its backoff is tried as soon as the listener has
+	// connected again (the database is back: a restart, a failover), after a random delay of at
+	// most 0.5 s, and its backoff starts again from RetryMin.
 	RetryMin, RetryMax time.Duration
 	// WaitForDatabase makes Start keep trying, with backoff and until its context is done, while
 	// no usable database answers (no server, a failover in progress, a read-only server, too
