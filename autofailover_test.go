@@ -177,7 +177,19 @@ select pg_sleep(case when exists (select 1 from hurry) then 0.2 else 60 end);`,
 		if primary == "node1" {
 			other = "node2"
 		}
-		standbyWait = startLanes(t, []string{"DATABASE_URL=" + f.NodeURL(other, kind), "LANES_MIGRATIONS=" + dir}, "wait", "--lane", "slow", "--timeout", "3m")
+		standbyURL := f.NodeURL(other, kind)
+		// A database the standby has not replayed yet is 3D000 there, which `lanes wait`
+		// reports at once (exit 4) with a single-host URL.
+		testkit.Eventually(t, "the standby has replayed the database", 2*time.Minute, func() bool {
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			c, err := pgx.Connect(cctx, standbyURL)
+			if err == nil {
+				c.Close(context.Background())
+			}
+			return err == nil
+		})
+		standbyWait = startLanes(t, []string{"DATABASE_URL=" + standbyURL, "LANES_MIGRATIONS=" + dir}, "wait", "--lane", "slow", "--timeout", "3m")
 	}
 	var rs []*replica
 	for i := range n {
