@@ -66,7 +66,7 @@ var commandList = []commandSpec{
 		define:  newFlags},
 	{name: "serve", synopsis: "[--addr ADDR] [--allow-drift]",
 		summary: "run one app replica with its HTTP endpoints until SIGINT/SIGTERM",
-		details: "HTTP first (GET /healthz; GET /readyz: 503 until the blocking lanes are applied,\nthen 200; GET /lanes: the status JSON; GET /metrics: Prometheus metrics), then\nthe blocking lanes, then the background lanes on whichever replica wins each\nlane's lock.",
+		details: "HTTP first (GET /: a live page of every lane, updated through GET /events;\nGET /healthz; GET /readyz: 503 until the blocking lanes are applied, then 200;\nGET /lanes: the status JSON; GET /metrics: Prometheus metrics), then the\nblocking lanes, then the background lanes on whichever replica wins each\nlane's lock.",
 		define:  serveFlags},
 	{name: "demo", synopsis: "",
 		summary: "play the demo: three replicas, a fast lane and a slow lane whose completion reaches every replica",
