@@ -185,3 +185,72 @@ func TestFaultDoneReplicaHoldsNoConnection(t *testing.T) {
 		t.Error("the replica did not say it connected its listener again")
 	}
 }
+
+// TestFaultFleetBackoff: a background migration fails on lock_timeout while another session
+// holds its table, under three `lanes serve` replicas. The retry schedule is stored with the
+// lane, so the fleet makes at most 8 attempts in 30 s (before, each replica's backoff restarted
+// whenever another one held the lane: 30 attempts in 30 s); each attempt is logged by the one
+// replica that made it; `lanes status` shows when the next attempt is due; once the table is
+// free the lane is applied, once.
+func TestFaultFleetBackoff(t *testing.T) {
+	t.Parallel()
+	serverSlots.reserve(t, 3)
+	dbURL := pgtest.NewDB(t)
+	conn := pgtest.Connect(t, dbURL)
+	if _, err := conn.Exec(t.Context(), "create table busy (i int)"); err != nil {
+		t.Fatal(err)
+	}
+	holder := pgtest.Connect(t, dbURL)
+	if _, err := holder.Exec(t.Context(), "begin; lock table busy in access exclusive mode"); err != nil {
+		t.Fatal(err)
+	}
+	dir := testkit.WriteTree(t, map[string]string{
+		"fast/001_a.sql": "create table a (i int);",
+		"slow/001_b.sql": "set local lock_timeout = '100ms';\ninsert into busy values (1);",
+	})
+	var rs []*replica
+	for i := range 3 {
+		rs = append(rs, startReplica(t, fmt.Sprintf("b%d", i), dbURL, dir))
+	}
+	failures := func() int {
+		return pgtest.Scalar[int](t, conn, "select count(*)::int from lanes_history where lane = 'slow' and error is not null")
+	}
+	testkit.Eventually(t, "a first failed attempt", 2*time.Minute, func() bool {
+		return pgtest.Scalar[bool](t, conn, "select to_regclass('lanes_history') is not null") && failures() > 0
+	})
+	first := pgtest.Scalar[time.Time](t, conn, "select min(started_at) from lanes_history where lane = 'slow' and error is not null")
+	// The window the goal is stated over: 30 s from the first attempt (a measurement window,
+	// not a wait for an event).
+	testkit.Eventually(t, "30 s since the first attempt", 2*time.Minute, func() bool {
+		return pgtest.Scalar[bool](t, conn, "select now() > $1::timestamptz + interval '30 s'", first)
+	})
+	attempts := pgtest.Scalar[int](t, conn, "select count(*)::int from lanes_history where lane = 'slow' and error is not null and started_at < $1::timestamptz + interval '30 s'", first)
+	t.Logf("FIGURE fleet_attempts_in_30s=%d (bound 8)", attempts)
+	if attempts > 8 {
+		t.Errorf("3 replicas made %d attempts in 30 s, want at most 8", attempts)
+	}
+	res := runLanes(t, []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir}, "status")
+	if res.code != 0 || !strings.Contains(res.stdout, "next attempt at") {
+		t.Errorf("status does not show the next attempt: %v", res)
+	}
+
+	if _, err := holder.Exec(t.Context(), "commit"); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rs {
+		testkit.Eventually(t, "replica "+r.name+" learns the slow lane is done", 3*time.Minute, func() bool {
+			k, ok := r.knows("slow")
+			return ok && k.Done
+		})
+	}
+	if n := pgtest.Scalar[int](t, conn, "select count(*)::int from busy"); n != 1 {
+		t.Errorf("busy has %d rows, want 1 (the migration committed once)", n)
+	}
+	logged := 0
+	for _, r := range rs {
+		logged += strings.Count(r.log.String(), "retrying at the lane's schedule")
+	}
+	if total := failures(); logged != total {
+		t.Errorf("%d attempts logged by the replicas, %d failed attempts recorded: want each logged once", logged, total)
+	}
+}

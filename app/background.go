@@ -3,6 +3,7 @@ package app
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -163,6 +164,17 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			if err := r.waitForResume(ctx, l.Name); err != nil {
 				return err
 			}
+		case errors.Is(err, migrator.ErrRetryLater):
+			// Transient failures in a row: the schedule stored with the lane says when the
+			// next attempt is due, whichever replica makes it (a little later here, so that
+			// the replicas do not all arrive in the same instant).
+			var rl *migrator.RetryLaterError
+			errors.As(err, &rl)
+			retries = 0
+			r.log.Debug().Str("lane", l.Name).Int("attempts", rl.Attempts).Float64("next_attempt_in_s", rl.In.Seconds()).Msg("waiting for the lane's next scheduled attempt")
+			if err := backoff.Sleep(ctx, rl.In+time.Duration(rand.Int64N(int64(min(rl.In/10, backJitter))+1))); err != nil {
+				return err
+			}
 		case errors.Is(err, migrator.ErrLocked):
 			// Another replica is applying the lane. Follow it through the listener; the lane's
 			// successor checks the lock (see takeover.go), and TakeoverInterval bounds the wait
@@ -199,6 +211,12 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			if err := r.waitForChange(ctx, changed); err != nil {
 				return err
 			}
+		case me != nil && *conn != nil:
+			// A transient failure of a migration under this replica's lock: the next attempt
+			// is scheduled with the lane (the next TryMigrate says when); each attempt is
+			// logged once, by the replica that makes it.
+			retries = 0
+			r.log.Warn().Err(connerr.Compact(err)).Str("lane", l.Name).Str("file", me.File).Msg("background migration failed with a transient error; retrying at the lane's schedule")
 		default:
 			r.log.Warn().Err(connerr.Compact(err)).Str("lane", l.Name).Msg("background lane interrupted by a transient error; retrying with backoff, or as soon as the listener is back")
 			if err := r.backoff(ctx, &retries, back); err != nil {

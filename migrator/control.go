@@ -83,7 +83,7 @@ func (m *Migrator) Retry(ctx context.Context, conn *pgx.Conn, lane string) (bool
 		}
 		cleared = true
 		if _, err := tx.Exec(ctx, "insert into "+m.controlTable().Quoted()+` (lane, retry_from, updated_at) values ($1, $2, now())
-on conflict (lane) do update set retry_from = excluded.retry_from, updated_at = now()`, lane, *id); err != nil {
+on conflict (lane) do update set retry_from = excluded.retry_from, attempts = 0, next_attempt_at = null, updated_at = now()`, lane, *id); err != nil {
 			return err
 		}
 		_, err = tx.Exec(ctx, "select pg_notify($1, $2)", m.cfg.Channel, event{Lane: lane, Control: "retry"}.Payload())

@@ -47,6 +47,13 @@ type Config struct {
 	// since they were applied (their checksum in the history table differs). Default: false,
 	// Migrate returns a *DriftError naming the files.
 	AllowDrift bool
+	// RetryMin and RetryMax bound the fleet's retry schedule of a lane whose migration fails
+	// with a transient error (lock timeout, serialization failure, deadlock): after the n-th
+	// such failure in a row TryMigrate, on every replica, returns a *RetryLaterError until
+	// RetryMin × 2^(n-1) (at most RetryMax) has passed; the schedule is stored with the lane, so
+	// adding replicas does not add attempts. Migrate (an operator's) ignores it. Defaults: 1s
+	// and 1m.
+	RetryMin, RetryMax time.Duration
 	// Batch tunes batched migrations (see BatchConfig for the defaults).
 	Batch BatchConfig
 	// BeforeConnect, when set, is called with a copy of the connection configuration before
@@ -73,7 +80,7 @@ type Migrator struct {
 	pid        int32
 	appName    string
 	status     statusQuery
-	sideSeen   atomic.Bool // the progress and control tables were seen to exist
+	sideSeen   atomic.Bool // the progress and control tables were seen to exist, with the retry schedule
 	userSet    []string    // runtime parameters of the connection configuration, lower-cased
 
 	warnOld, warnSet sync.Once   // each said once per Migrator (see noDeadClientCheck)
@@ -108,6 +115,12 @@ func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.RetryMin <= 0 {
+		cfg.RetryMin = time.Second
+	}
+	if cfg.RetryMax < cfg.RetryMin {
+		cfg.RetryMax = max(time.Minute, cfg.RetryMin)
 	}
 	cfg.Batch.setDefaults()
 	history, err := parseTableName(cfg.HistoryTable)
@@ -359,10 +372,15 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	if v < 0 {
 		return res, fmt.Errorf("lane %q: version table %s holds version %d", name, l.table, v)
 	}
-	if paused, err := m.isPaused(ctx, conn, name); err != nil {
+	ctl, err := m.readControl(ctx, conn, name)
+	if err != nil {
 		return res, err
-	} else if paused {
+	}
+	if ctl.paused {
 		return res, fmt.Errorf("lane %q: %w", name, ErrPaused)
+	}
+	if !wait && ctl.next != nil && ctl.next.After(ctl.now) {
+		return res, &RetryLaterError{Lane: name, Attempts: ctl.attempts, At: *ctl.next, In: ctl.next.Sub(ctl.now)}
 	}
 	if !wait {
 		if err := m.failedBefore(ctx, conn, l, l.migrations[v]); err != nil {
@@ -387,11 +405,21 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 				return res, err
 			}
 			failure = m.recordFailure(ctx, conn, l, mig, start, err)
+			if IsTransient(err) && ctx.Err() == nil && !conn.IsClosed() {
+				after := ctl.attempts
+				if res.Applied > 0 {
+					after = 0
+				}
+				m.scheduleRetry(ctx, conn, name, after)
+			}
 			res.To = v
 			trace.migrationDone(name, mig, began, err)
 			return res, err
 		}
 		res.Applied++
+		if res.Applied == 1 && ctl.attempts > 0 {
+			m.clearSchedule(ctx, conn, name)
+		}
 		trace.migrationDone(name, mig, began, nil)
 		m.cfg.Logger.Info().Str("lane", name).Int32("version", mig.Version).Str("file", mig.Name).
 			Float64("duration_s", m.cfg.Now().Sub(start).Seconds()).Msgf("OK   %s (%s)", mig.Name, m.cfg.Now().Sub(start).Round(10*time.Microsecond))

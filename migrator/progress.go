@@ -74,7 +74,8 @@ func (m *Migrator) controlTable() tableName  { return m.sideTable(DefaultControl
 func (m *Migrator) ensureSideTables(ctx context.Context, conn *pgx.Conn) error {
 	p, c := m.progressTable(), m.controlTable()
 	var exist bool
-	if err := conn.QueryRow(ctx, "select to_regclass($1) is not null and to_regclass($2) is not null", p.Quoted(), c.Quoted()).Scan(&exist); err != nil {
+	if err := conn.QueryRow(ctx, `select to_regclass($1) is not null and to_regclass($2) is not null
+  and exists (select from pg_attribute where attrelid = to_regclass($2) and attname = 'next_attempt_at' and not attisdropped)`, p.Quoted(), c.Quoted()).Scan(&exist); err != nil {
 		return fmt.Errorf("look up tables %s and %s: %w", p, c, err)
 	}
 	if exist {
@@ -110,7 +111,9 @@ create table if not exists %s (
   paused bool not null default false,
   retry_from int8 not null default 0,
   updated_at timestamptz not null default now()
-)`, p.Quoted(), c.Quoted()))
+);
+alter table %s add column if not exists attempts int4 not null default 0,
+  add column if not exists next_attempt_at timestamptz`, p.Quoted(), c.Quoted(), c.Quoted()))
 		return err
 	})
 	if err != nil {
@@ -123,27 +126,37 @@ create table if not exists %s (
 type laneExtras struct {
 	progress *Progress
 	paused   bool
-	cleared  int64 // failures with a history id up to this were cleared by Retry
+	cleared  int64      // failures with a history id up to this were cleared by Retry
+	attempts int        // transient failures in a row (the fleet's retry schedule)
+	next     *time.Time // when the next attempt is due after them
 }
 
 // readExtras reads the running progress and the control row of every lane. Missing tables
 // read as nothing.
 func (m *Migrator) readExtras(ctx context.Context, q Querier) (map[string]*laneExtras, error) {
 	out := map[string]*laneExtras{}
-	if !m.sideSeen.Load() {
+	schedule := m.sideSeen.Load()
+	if !schedule {
 		var exist bool
-		if err := q.QueryRow(ctx, "select to_regclass($1) is not null and to_regclass($2) is not null",
-			m.progressTable().Quoted(), m.controlTable().Quoted()).Scan(&exist); err != nil {
+		if err := q.QueryRow(ctx, `select to_regclass($1) is not null and to_regclass($2) is not null,
+  exists (select from pg_attribute where attrelid = to_regclass($2) and attname = 'next_attempt_at' and not attisdropped)`,
+			m.progressTable().Quoted(), m.controlTable().Quoted()).Scan(&exist, &schedule); err != nil {
 			return nil, fmt.Errorf("look up progress tables: %w", err)
 		}
 		if !exist {
 			return out, nil
 		}
-		m.sideSeen.Store(true) // tables are not dropped behind a running Migrator
+		if schedule { // tables created by an earlier release get the schedule when a lane runs
+			m.sideSeen.Store(true) // tables are not dropped behind a running Migrator
+		}
 	}
-	rows, err := q.Query(ctx, `select c.lane, c.paused, c.retry_from, null, 0, 0, null, 0, '', '', '', 0, null, null from `+m.controlTable().Quoted()+` c
+	scheduleCols := "0, null::timestamptz"
+	if schedule {
+		scheduleCols = "c.attempts, c.next_attempt_at"
+	}
+	rows, err := q.Query(ctx, `select c.lane, c.paused, c.retry_from, `+scheduleCols+`, null, 0, 0, null, 0, '', '', '', 0, null, null from `+m.controlTable().Quoted()+` c
 union all
-select p.lane, false, 0, p.version, p.done, coalesce(p.total, 0), p.file, p.rate_per_s, p.throttled, p.health, p.phase, p.batch_size, p.started_at, p.updated_at
+select p.lane, false, 0, 0, null, p.version, p.done, coalesce(p.total, 0), p.file, p.rate_per_s, p.throttled, p.health, p.phase, p.batch_size, p.started_at, p.updated_at
 from `+m.progressTable().Quoted()+` p where p.finished_at is null`)
 	if err != nil {
 		if isUndefinedTable(err) {
@@ -157,13 +170,15 @@ from `+m.progressTable().Quoted()+` p where p.finished_at is null`)
 			lane                     string
 			paused                   bool
 			retryFrom                int64
+			attempts                 int
+			next                     *time.Time
 			version                  *int32
 			p                        Progress
 			file                     *string
 			started, updated         *time.Time
 			throttled, health, phase string
 		)
-		if err := rows.Scan(&lane, &paused, &retryFrom, &version, &p.Done, &p.Total, &file, &p.RatePerS, &throttled, &health, &phase, &p.BatchSize, &started, &updated); err != nil {
+		if err := rows.Scan(&lane, &paused, &retryFrom, &attempts, &next, &version, &p.Done, &p.Total, &file, &p.RatePerS, &throttled, &health, &phase, &p.BatchSize, &started, &updated); err != nil {
 			return nil, fmt.Errorf("read progress: %w", err)
 		}
 		e := out[lane]
@@ -172,7 +187,7 @@ from `+m.progressTable().Quoted()+` p where p.finished_at is null`)
 			out[lane] = e
 		}
 		if version == nil {
-			e.paused, e.cleared = paused, retryFrom
+			e.paused, e.cleared, e.attempts, e.next = paused, retryFrom, attempts, next
 			continue
 		}
 		p.Lane, p.Version, p.File, p.Throttled, p.Health, p.Phase = lane, *version, deref(file), throttled, health, phase
@@ -213,6 +228,10 @@ func applyExtras(lanes []LaneStatus, extras map[string]*laneExtras, historyIDs m
 			if st.State == StateFailed {
 				st.State = StatePending
 			}
+		}
+		if e.next != nil && e.attempts > 0 && !st.Done() {
+			at := *e.next
+			st.Attempts, st.NextAttempt = e.attempts, &at
 		}
 		if e.paused && !st.Done() {
 			st.Paused = true

@@ -56,6 +56,11 @@ type LaneStatus struct {
 	Locked       bool     `json:"locked"`          // a session holds the lane's lock
 	Drift        []string `json:"drift,omitempty"` // applied migrations renamed or changed since (filled by AddDrift)
 	Paused       bool     `json:"paused"`          // an operator paused the lane (Migrator.Pause)
+	// Attempts counts the transient failures in a row of the lane's next migration, and
+	// NextAttempt is when any replica may try it again (the fleet's retry schedule, see
+	// Config.RetryMin); zero and nil otherwise.
+	Attempts    int        `json:"attempts,omitempty"`
+	NextAttempt *time.Time `json:"next_attempt,omitempty"`
 	// Progress is the running batched migration's durable progress; nil while none runs.
 	Progress *Progress `json:"progress"`
 }

@@ -105,6 +105,11 @@ func writeStatusTable(w io.Writer, lanes []migrator.LaneStatus) error {
 		if len(l.Drift) > 0 {
 			problem = strings.TrimSpace("changed since applied: " + strings.Join(l.Drift, ", ") + "; " + problem)
 		}
+		if l.NextAttempt != nil {
+			// The fleet's retry schedule after transient failures (lock timeout, deadlock...).
+			problem = strings.TrimSuffix(fmt.Sprintf("%d transient failure(s) in a row; next attempt at %s; %s",
+				l.Attempts, l.NextAttempt.UTC().Format(time.RFC3339), problem), "; ")
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", l.Name, l.Mode, l.Version, l.Latest, l.State, locked, progressCell(l.Progress), l.VersionTable, problem)
 	}
 	if err := tw.Flush(); err != nil {
