@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/multilanes/lanes/internal/pgcluster"
+	"github.com/multilanes/lanes/internal/pgconnect"
 	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/internal/testkit"
 )
@@ -41,6 +42,26 @@ func startAutoFailover(t *testing.T) *pgcluster.AutoFailover {
 		}
 	})
 	return f
+}
+
+// connectPrimary connects to the formation's primary through the multi-host URL as lanes does
+// (pgconnect: a standby that has not replayed the database yet answers 3D000, after which pgx
+// alone would not try the next host), and closes the connection at the end of the test.
+func connectPrimary(t *testing.T, url string) *pgx.Conn {
+	t.Helper()
+	cc, err := pgx.ParseConfig(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conn *pgx.Conn
+	testkit.Eventually(t, "a connection to the primary", 2*time.Minute, func() bool {
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		conn, err = pgconnect.Connect(ctx, cc)
+		return err == nil
+	})
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	return conn
 }
 
 // failoverLanes is runsLanes with the time each migration started in runs.started (the
@@ -107,7 +128,7 @@ func failoverBackfill(t *testing.T, f *pgcluster.AutoFailover, n int) {
 	for _, r := range rs {
 		testkit.Eventually(t, "replica "+r.name+" ready", 2*time.Minute, r.ready)
 	}
-	conn := pgtest.Connect(t, dbURL)
+	conn := connectPrimary(t, dbURL)
 	testkit.Eventually(t, "a quarter walked", 3*time.Minute, func() bool { return walked(t, conn) >= backfillRows/4 })
 	conn.Close(context.Background())
 	if _, err := f.Failover(ctx); err != nil {
@@ -132,7 +153,7 @@ func failoverBackfill(t *testing.T, f *pgcluster.AutoFailover, n int) {
 	if !resumed {
 		t.Error("no replica resumed the walk the failover cut")
 	}
-	conn = pgtest.Connect(t, dbURL)
+	conn = connectPrimary(t, dbURL)
 	checkVisitedOnce(t, conn)
 }
 
@@ -152,7 +173,7 @@ func failoverRun(t *testing.T, f *pgcluster.AutoFailover, kind string, n int) {
 	dir := failoverLanes(t)
 	if kind == "none" {
 		// The long migration runs short: the baseline for the figures.
-		conn := pgtest.Connect(t, dbURL)
+		conn := connectPrimary(t, dbURL)
 		for _, sql := range []string{"create table hurry (at timestamptz not null default now())", "insert into hurry default values"} {
 			if _, err := conn.Exec(ctx, sql); err != nil {
 				t.Fatal(err)
@@ -200,7 +221,7 @@ select pg_sleep(case when exists (select 1 from hurry) then 0.2 else 60 end);`,
 	}
 	m := startLanes(t, []string{"DATABASE_URL=" + dbURL, "LANES_MIGRATIONS=" + dir, "PGAPPNAME=lanes-" + kind + "-migrate"}, "migrate", "--timeout", "3m")
 
-	conn := pgtest.Connect(t, dbURL)
+	conn := connectPrimary(t, dbURL)
 	var began, writable time.Time // the failover (or the long migration's start), the new primary's first write
 	if kind == "none" {
 		testkit.Eventually(t, "the lane done", 2*time.Minute, func() bool {
@@ -208,7 +229,7 @@ select pg_sleep(case when exists (select 1 from hurry) then 0.2 else 60 end);`,
 		})
 		began = pgtest.Scalar[time.Time](t, conn, "select started from runs where version = 2")
 	} else {
-		key := lockKey(t, dbURL, dir, "slow")
+		key := lockKey(t, f.NodeURL(primary, kind), dir, "slow") // the primary alone: pgtest.Connect has no 3D000 fallback
 		waitForHolder(t, conn, key, "pg_sleep")
 		hurryUp(t, conn) // synchronous replication: the standby has it once this returns
 		conn.Close(context.Background())
