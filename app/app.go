@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -99,10 +100,13 @@ type Runtime struct {
 	listener *notifier.Listener // guarded by mu: replaced when the listener is started again
 	ncfg     notifier.Config    // the listener's settings
 	metrics  *metrics
-	trace    *migrator.Trace   // feeds metrics from the migrator's calls
-	hints    *hints            // the listener's pending reactions to notifications
-	watches  map[string]*watch // the takeover keys the listener's connection holds, by lane (listener goroutine only)
-	events   *events           // the page's live feed
+	trace    *migrator.Trace // feeds metrics from the migrator's calls
+	hints    *hints          // the listener's pending reactions to notifications
+	// lastNotice is the last notification received (an atomic: set for every notification,
+	// without the mutex).
+	lastNotice atomic.Pointer[Notice]
+	watches    map[string]*watch // the takeover keys the listener's connection holds, by lane (listener goroutine only)
+	events     *events           // the page's live feed
 
 	mu          sync.Mutex
 	state       map[string]*laneState
@@ -117,7 +121,6 @@ type Runtime struct {
 	closeDone   chan struct{} // closed when the first Close returns
 	closeErr    error
 	seq         uint64 // counts the raises of lane versions, to tell stale reads from regressions
-	lastNotice  *Notice
 	// back is closed and replaced each time the listener connects: the database answers
 	// again, so a lane waiting out its retry backoff tries at once (see backoff).
 	back chan struct{}
@@ -566,9 +569,9 @@ func (r *Runtime) View() ReplicaView {
 	v := ReplicaView{Ready: r.Ready(), Listener: r.delivery(), Notifications: stats.Notifications, Polls: stats.Polls}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.lastNotice != nil {
-		n := *r.lastNotice
-		v.LastNotification = &n
+	if n := r.lastNotice.Load(); n != nil {
+		c := *n
+		v.LastNotification = &c
 	}
 	if r.readOnly != nil {
 		ro := *r.readOnly
@@ -650,10 +653,6 @@ func (r *Runtime) statusOn(ctx context.Context, conn *pgx.Conn) (Status, error) 
 func (r *Runtime) sync(ctx context.Context, conn *pgx.Conn, n *pgconn.Notification) error {
 	defer r.events.bump() // the page shows what this read learned, and the listener's counts
 	if n != nil {
-		notice := noticeOf(n.Payload, r.cfg.Now())
-		r.mu.Lock()
-		r.lastNotice = notice
-		r.mu.Unlock()
 		r.reactTo(n)
 		_, err := r.react(ctx, conn)
 		return err

@@ -35,7 +35,7 @@ const (
 type events struct {
 	mu      sync.Mutex
 	gen     uint64        // bumped by every notification, poll and state change
-	changed chan struct{} // closed and replaced on every bump
+	changed chan struct{} // closed at the next bump; nil while no stream waits (a bump is cheap then)
 	stop    chan struct{} // closed by StopEvents: every stream ends
 	stopped bool
 
@@ -47,22 +47,28 @@ type events struct {
 }
 
 func newEvents() *events {
-	return &events{gen: 1, changed: make(chan struct{}), stop: make(chan struct{}), reading: make(chan struct{}, 1)}
+	return &events{gen: 1, stop: make(chan struct{}), reading: make(chan struct{}, 1)}
 }
 
-// bump marks the page's state as changed and wakes every stream.
+// bump marks the page's state as changed and wakes every stream. It runs for every
+// notification, so it allocates nothing while no stream waits.
 func (e *events) bump() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.gen++
-	close(e.changed)
-	e.changed = make(chan struct{})
+	if e.changed != nil {
+		close(e.changed)
+		e.changed = nil
+	}
 }
 
 // current returns the generation and the channel closed at the next bump.
 func (e *events) current() (uint64, <-chan struct{}) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.changed == nil {
+		e.changed = make(chan struct{})
+	}
 	return e.gen, e.changed
 }
 
@@ -214,9 +220,9 @@ type Notice struct {
 	Kind string `json:"kind"`
 }
 
-// noticeOf describes a notification's payload, which is a hint only and never shown verbatim.
-func noticeOf(payload string, at time.Time) *Notice {
-	ev, err := wire.Parse(payload)
+// noticeOf describes a notification from its payload parsed (ev, or err when it is no lanes
+// event), which is a hint only and never shown verbatim.
+func noticeOf(ev wire.Event, err error, at time.Time) *Notice {
 	if err != nil {
 		return &Notice{At: at, Kind: "ignored"}
 	}

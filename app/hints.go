@@ -68,6 +68,7 @@ func newHints(every time.Duration) *hints {
 // the hint it is, without a query.
 func (r *Runtime) reactTo(n *pgconn.Notification) {
 	ev, err := wire.Parse(n.Payload)
+	r.lastNotice.Store(noticeOf(ev, err, r.cfg.Now())) // the page's "last notification"
 	if err != nil {
 		r.log.Debug().Err(err).Int("bytes", len(n.Payload)).Msg("ignoring a notification that is not a lanes event")
 		return
