@@ -99,7 +99,7 @@ func TestAFloodOfHintsCostsABoundedRate(t *testing.T) {
   else json_build_object('lane', 'slow', 'version', 1 + g, 'state', 'failed') end::text)
 from generate_series(1, $1) g`, floodSize)
 	for i, r := range waiters {
-		testkit.Eventually(t, fmt.Sprintf("replica %d receives the flood", i), time.Minute, func() bool {
+		testkit.Eventually(t, fmt.Sprintf("replica %d receives the flood", i), 5*time.Minute, func() bool { // a hang guard: about 5 s on an idle machine
 			return r.View().Notifications >= received[i]+floodSize
 		})
 	}
