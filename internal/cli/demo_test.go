@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -185,6 +186,9 @@ func TestDemoThrowawayCluster(t *testing.T) {
 		t.Skip("starts a PostgreSQL cluster")
 	}
 	if _, err := pgcluster.FindBinaries(); err != nil {
+		if os.Getenv("LANES_TEST_REQUIRE_DB") == "1" {
+			t.Fatalf("the demo's throwaway cluster needs the PostgreSQL server programs: %v", err)
+		}
 		t.Skip(err)
 	}
 	t.Setenv("PGHOST", t.TempDir()) // no server there: libpq defaults fail fast
