@@ -192,6 +192,9 @@ func TestServeWaitsForAPrimary(t *testing.T) {
 	if full.ready() {
 		t.Fatal("the second replica is ready without a connection")
 	}
+	if code, _ := full.get("/healthz"); code != 200 {
+		t.Errorf("/healthz = %d while every connection slot is taken, want 200", code)
+	}
 	for _, h := range held {
 		h.Close(context.Background())
 	}

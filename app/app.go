@@ -74,6 +74,10 @@ type Config struct {
 	// backwards). Meanwhile a lane moving backwards is noticed only by a status read (/lanes).
 	// Default: false.
 	KeepListening bool
+	// IdleAfter is how long the listener's connection stays open once every lane is done:
+	// a random time between IdleAfter/2 and IdleAfter, so that a fleet that learns a
+	// completion together does not end all its sessions in the same instant. Default: 10s.
+	IdleAfter time.Duration
 	// Now returns the time recorded when this replica learns a lane is done. Default: time.Now.
 	Now func() time.Time
 	// CloseTimeout bounds how long Close waits for what it cancels: a Start still applying the
@@ -179,6 +183,9 @@ func New(m *migrator.Migrator, cfg Config) (*Runtime, error) {
 	}
 	if cfg.HintInterval <= 0 {
 		cfg.HintInterval = 100 * time.Millisecond
+	}
+	if cfg.IdleAfter <= 0 {
+		cfg.IdleAfter = 10 * time.Second
 	}
 	if cfg.SuccessorInterval <= 0 {
 		cfg.SuccessorInterval = time.Second

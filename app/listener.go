@@ -8,6 +8,7 @@ package app
 
 import (
 	"context"
+	"math/rand/v2"
 	"time"
 
 	"github.com/multilanes/lanes/internal/backoff"
@@ -100,6 +101,18 @@ func (r *Runtime) keepListener(ctx context.Context) {
 		r.mu.Unlock()
 		switch {
 		case !need && !off:
+			// Linger first, a random while: a fleet learns a completion in the same instant,
+			// and a thousand sessions ending at once on the server delay the notification's
+			// delivery to the replicas that have not read it yet (BENCHMARKS.md section 12).
+			if !r.linger(ctx) {
+				return
+			}
+			r.mu.Lock()
+			need = r.needListenerLocked()
+			r.mu.Unlock()
+			if need {
+				continue
+			}
 			cur.Stop()
 			r.mu.Lock()
 			r.listenerOff = true
@@ -113,6 +126,29 @@ func (r *Runtime) keepListener(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
+		case <-changed:
+		}
+	}
+}
+
+// linger waits a random time between half of Config.IdleAfter and IdleAfter while nothing needs
+// the listener; it returns early when something does (true) and false when ctx is done.
+func (r *Runtime) linger(ctx context.Context) bool {
+	d := r.cfg.IdleAfter/2 + time.Duration(rand.Int64N(int64(r.cfg.IdleAfter/2)+1))
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		r.mu.Lock()
+		need, changed := r.needListenerLocked(), r.changed
+		r.mu.Unlock()
+		if need {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+			return true
 		case <-changed:
 		}
 	}

@@ -47,9 +47,9 @@ var bigServer struct {
 	err     error
 }
 
-// bigMaxConnections leaves room for 500 waiting replicas of two connections each (the listener
-// and the connection kept for lock take-over tries) plus the benchmark's own.
-const bigMaxConnections = 1300
+// bigMaxConnections leaves room for 1,000 replicas starting at once (a listener each, and for a
+// moment the connection of each one's first try of the slow lane) plus the benchmark's own.
+const bigMaxConnections = 2300
 
 // driverRole is the role of the driver's connections on the throwaway cluster.
 const driverRole = "lanes_driver"

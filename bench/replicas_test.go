@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -137,6 +138,7 @@ const (
 	designLanes     = "lanes"       // app.Runtime, defaults
 	designLanesTO30 = "lanes-TO30s" // app.Runtime, TakeoverInterval 30s
 	designLanesNoTO = "lanes-noTO"  // app.Runtime, TakeoverInterval 1h: the listener alone
+	designLanesKeep = "lanes-keep"  // app.Runtime, KeepListening: the listener stays once done
 	designBare      = "bare"        // a pgx connection in LISTEN, WaitForNotification, nothing else
 	designPoll      = "poll"        // a pgx connection polling the version table once a second
 )
@@ -151,6 +153,8 @@ func startGroup(ctx context.Context, design string, cc *pgx.ConnConfig, n int) (
 		g, err = startRuntimes(ctx, cc, n, app.Config{})
 	case designLanesTO30:
 		g, err = startRuntimes(ctx, cc, n, app.Config{TakeoverInterval: 30 * time.Second})
+	case designLanesKeep:
+		g, err = startRuntimes(ctx, cc, n, app.Config{KeepListening: true})
 	case designLanesNoTO:
 		g, err = startRuntimes(ctx, cc, n, app.Config{TakeoverInterval: time.Hour})
 	case designBare:
@@ -288,7 +292,9 @@ func startConns(ctx context.Context, cc *pgx.ConnConfig, n int, prepare func(ctx
 	return g, nil
 }
 
-// startBare: LISTEN on the lanes channel and wait for one notification; no re-read.
+// startBare: LISTEN on the lanes channel and wait for the notification that the slow lane is
+// done (the applier's progress announcements, once a second while it runs, are skipped); no
+// re-read.
 func startBare(ctx context.Context, cc *pgx.ConnConfig, n int) (*conns, error) {
 	return startConns(ctx, cc, n,
 		func(ctx context.Context, c *pgx.Conn) error {
@@ -296,10 +302,17 @@ func startBare(ctx context.Context, cc *pgx.ConnConfig, n int) (*conns, error) {
 			return err
 		},
 		func(ctx context.Context, c *pgx.Conn, learned func(time.Time)) {
-			if _, err := c.WaitForNotification(ctx); err == nil {
-				learned(time.Now())
+			for {
+				n, err := c.WaitForNotification(ctx)
+				if err != nil {
+					return
+				}
+				if strings.Contains(n.Payload, `"state":"done"`) {
+					learned(time.Now())
+					<-ctx.Done()
+					return
+				}
 			}
-			<-ctx.Done()
 		})
 }
 

@@ -95,7 +95,9 @@ type signalResult struct {
 	biasMS float64   // COMMIT returned on the driver's side minus the commit timestamp
 	stmts  stmtStats // in the database from the release to the last replica knowing
 	conns  int       // server connections to the database while waiting (driver excluded)
-	via    map[string]int
+	// heapKiB is the client's live heap per replica that starting the group added.
+	heapKiB float64
+	via     map[string]int
 }
 
 func signalOnce(b *testing.B, ctx context.Context, admin *pgx.Conn, design string, n int) signalResult {
@@ -107,6 +109,7 @@ func signalOnce(b *testing.B, ctx context.Context, admin *pgx.Conn, design strin
 		b.Fatal(err)
 	}
 	defer d.abort() // after finish, a no-op
+	heap0 := liveHeap()
 	g, err := startGroup(ctx, design, cc, n)
 	if err != nil {
 		b.Fatalf("%s: start %d replicas: %v", design, n, err)
@@ -114,6 +117,7 @@ func signalOnce(b *testing.B, ctx context.Context, admin *pgx.Conn, design strin
 	defer g.close()
 	time.Sleep(time.Second) // let the start-up queries end
 	var res signalResult
+	res.heapKiB = (float64(liveHeap()) - float64(heap0)) / float64(n) / 1024
 	if res.conns, err = connsOf(ctx, admin, db); err != nil {
 		b.Fatal(err)
 	}

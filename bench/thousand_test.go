@@ -1,0 +1,62 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"runtime"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Measurement 11 (issue 11): 1,000 replicas in one process on the throwaway cluster, beside
+// 1,000 bare pgx listeners, in the same run (alternating, each group on a fresh database): every
+// replica learns the completion; latency from the commit (server commit timestamp) to each
+// replica knowing, p50 and p99; the statements the server ran from the release to the last
+// replica knowing; server connections while waiting; and the client's live heap per replica
+// (after a GC, what starting the group added).
+func BenchmarkThousandReplicas(b *testing.B) {
+	noteLoad("ThousandReplicas")
+	const n = 1000
+	runs := reps(3, 1)
+	designs := []string{designLanes, designLanesKeep, designBare}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	adminConn, err := pgx.Connect(ctx, bigAdminURL(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer adminConn.Close(ctx)
+	p50, p99, stmts, conns, heap := map[string][]float64{}, map[string][]float64{}, map[string][]float64{}, map[string][]float64{}, map[string][]float64{}
+	for range runs {
+		for _, design := range designs {
+			r := signalOnce(b, ctx, adminConn, design, n)
+			if len(r.latMS) != n {
+				b.Fatalf("%s: %d of %d replicas learned", design, len(r.latMS), n)
+			}
+			p50[design] = append(p50[design], pct(r.latMS, 50))
+			p99[design] = append(p99[design], pct(r.latMS, 99))
+			stmts[design] = append(stmts[design], float64(r.stmts.calls))
+			conns[design] = append(conns[design], float64(r.conns)/n)
+			heap[design] = append(heap[design], r.heapKiB)
+		}
+	}
+	var rows [][]string
+	for _, design := range designs {
+		rows = append(rows, []string{design, strconv.Itoa(n), strconv.Itoa(runs), spread(p50[design], 1), spread(p99[design], 1),
+			spread(stmts[design], 0), spread(conns[design], 2), spread(heap[design], 1)})
+		b.ReportMetric(median(p99[design]), design+"-p99-ms")
+	}
+	table(fmt.Sprintf("%d replicas in one process: ms from the commit to each replica knowing (p50, p99 over the replicas; median (min–max) over runs); server statements from the release to the last replica knowing (all replicas); server connections per replica while waiting; live heap KiB per replica", n),
+		[]string{"design", "replicas", "runs", "p50 ms", "p99 ms", "statements at completion", "connections per replica", "heap KiB per replica"}, rows)
+}
+
+// liveHeap returns the live heap after a GC.
+func liveHeap() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
+}
