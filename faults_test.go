@@ -218,6 +218,12 @@ func TestFaultTakeoverAfterSigkill(t *testing.T) {
 // takeoverAfterSigkill is TestFaultTakeoverAfterSigkill, with the replicas connecting through
 // through(t, dbURL) (a pooler) when through is not nil.
 func takeoverAfterSigkill(t *testing.T, through func(t *testing.T, dbURL string) string) {
+	takeoverAfterSigkillEnv(t, through, false)
+}
+
+// takeoverAfterSigkillEnv is takeoverAfterSigkill; with direct, the replicas also get
+// LANES_DIRECT_URL, the database's own URL (through is then a pooler).
+func takeoverAfterSigkillEnv(t *testing.T, through func(t *testing.T, dbURL string) string, direct bool) {
 	serverSlots.reserve(t, 3)
 	dbURL := pgtest.NewDB(t)
 	replicaURL := dbURL
@@ -228,8 +234,12 @@ func takeoverAfterSigkill(t *testing.T, through func(t *testing.T, dbURL string)
 	key := lockKey(t, dbURL, dir, "slow")
 	conn := pgtest.Connect(t, dbURL)
 	rs := map[string]*replica{}
+	var env []string
+	if direct {
+		env = append(env, "LANES_DIRECT_URL="+dbURL)
+	}
 	for _, name := range []string{"k1", "k2", "k3"} {
-		rs["lanes-"+name] = startReplica(t, name, replicaURL, dir)
+		rs["lanes-"+name] = startReplica(t, name, replicaURL, dir, env...)
 	}
 	for _, r := range rs {
 		testkit.Eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
@@ -8,12 +10,14 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/multilanes/lanes/internal/logbuf"
@@ -150,37 +154,226 @@ func TestPgBouncerSessionModeTakeoverAfterSigkill(t *testing.T) {
 	takeoverAfterSigkill(t, viaPgBouncer("session"))
 }
 
-// TestPgBouncerTransactionModeIsRefused: through PgBouncer in transaction mode a session
-// advisory lock lands on a server connection that other clients then use, so the lane lock
-// would serialize nothing (two replicas ran one migration at once). migrate, serve and force
-// detect the shared server session and refuse, naming the pooler mode, before touching
-// anything; status, which only reads, still works.
-func TestPgBouncerTransactionModeIsRefused(t *testing.T) {
-	t.Parallel()
-	serverSlots.reserve(t, 2)
-	dbURL := pgtest.NewDB(t)
-	poolURL := startPgBouncer(t, dbURL, "transaction")
-	dir := testkit.WriteTree(t, map[string]string{
-		"fast/001_a.sql": "create table a (i int);",
-		"slow/001_b.sql": "insert into a values (1);",
+// poolerLanes returns a migrations folder exercising every kind of migration through a pooler:
+// the fast lane creates the side-effect table runs (each migration inserts its lane, version and
+// application_name, that is lanes-<replica>) and 2,000 items; the slow lane has a file that
+// sleeps a second, a disable-tx CREATE INDEX CONCURRENTLY, and a batched backfill adding one to
+// every item's n (every item ends at 1 when each batch committed exactly once).
+func poolerLanes(t *testing.T) string {
+	return testkit.WriteTree(t, map[string]string{
+		"fast/001_runs.sql": `create table runs (lane text not null, version int not null, app text not null default current_setting('application_name'));
+create table items (id int primary key, n int not null default 0);
+insert into items (id) select g from generate_series(1, 2000) g;
+insert into runs (lane, version) values ('fast', 1);`,
+		"fast/002_second.sql": "insert into runs (lane, version) values ('fast', 2);",
+		"slow/001_sleep.sql":  "insert into runs (lane, version) values ('slow', 1);\nselect pg_sleep(1);",
+		"slow/002_index.sql": `---- tern: disable-tx ----
+drop index concurrently if exists runs_version_idx;
+create index concurrently runs_version_idx on runs (version);
+insert into runs (lane, version) values ('slow', 2);`,
+		"slow/003_backfill.sql": "---- lanes: batch table=items key=id size=100 ----\nupdate items set n = n + 1 where id > $1 and id <= $2;",
+		"slow/004_last.sql":     "insert into runs (lane, version) values ('slow', 4);",
 	})
-	env := []string{"DATABASE_URL=" + poolURL, "LANES_MIGRATIONS=" + dir}
-	for _, args := range [][]string{{"migrate"}, {"force", "--lane", "fast", "--version", "1"}, {"serve", "--addr", "127.0.0.1:0"}} {
-		res := runLanes(t, env, args...)
-		if res.code != 1 || !strings.Contains(res.stderr, "transaction or statement mode") || !strings.Contains(res.stderr, "pool_mode = session") {
-			t.Errorf("lanes %s through a transaction pooler: %v", args[0], res)
+}
+
+// TestPgBouncerAppliesEveryLaneExactlyOnce starts three `lanes serve` replicas at once through
+// Debian's PgBouncer with its default settings, in transaction and in session mode, each with
+// and without LANES_DIRECT_URL: every migration (a plain file, a disable-tx concurrent index
+// build, a batched backfill) is applied exactly once (one history row each, one side effect each,
+// every item visited once, no failed attempt), every replica becomes ready and learns that the
+// slow lane is done. Through a transaction pooler without a direct URL the lane locks are timed
+// leases and the replicas poll (the deaf LISTEN is detected against the real pooler and said
+// once in the log); with a direct URL they listen (a waiting replica learns from the
+// notification). The time from the last slow commit to each waiting replica knowing it is
+// logged as a FIGURE (BENCHMARKS.md).
+func TestPgBouncerAppliesEveryLaneExactlyOnce(t *testing.T) {
+	t.Parallel()
+	for _, mode := range []string{"transaction", "session"} {
+		for _, direct := range []bool{false, true} {
+			name := mode
+			if direct {
+				name += "_direct"
+			}
+			t.Run(name, func(t *testing.T) {
+				t.Parallel()
+				serverSlots.reserve(t, 4)
+				dbURL := pgtest.NewDB(t)
+				poolURL := startPgBouncer(t, dbURL, mode)
+				dir := poolerLanes(t)
+				var env []string
+				if direct {
+					env = append(env, "LANES_DIRECT_URL="+dbURL)
+				}
+				rs := make([]*replica, 3)
+				var wg sync.WaitGroup
+				for i := range rs {
+					wg.Go(func() { rs[i] = startReplica(t, fmt.Sprintf("p%d", i+1), poolURL, dir, env...) })
+				}
+				wg.Wait()
+				for _, r := range rs {
+					testkit.Eventually(t, "replica "+r.name+" learns the slow lane is done", 3*time.Minute, func() bool {
+						k, ok := r.knows("slow")
+						return ok && k.Done && r.ready()
+					})
+				}
+				conn := pgtest.Connect(t, dbURL)
+				checkHistoryExactlyOnce(t, conn, 6)
+				if n := pgtest.Scalar[int](t, conn, "select count(*) from (select lane, version from runs group by 1, 2 having count(*) = 1) r"); n != 5 {
+					t.Errorf("%d migrations left their side effect exactly once, want 5 (runs: %v)", n, pgtest.Scalar[string](t, conn, "select string_agg(lane || version || ':' || app, ', ') from runs"))
+				}
+				if n := pgtest.Scalar[int](t, conn, "select count(*) from items where n <> 1"); n != 0 {
+					t.Errorf("%d items not visited exactly once by the backfill", n)
+				}
+				if !pgtest.Scalar[bool](t, conn, "select indisvalid from pg_index where indexrelid = 'runs_version_idx'::regclass") {
+					t.Error("the concurrent index is not valid")
+				}
+				for lane, want := range map[string]int{"fast": 2, "slow": 4} {
+					if v := pgtest.Scalar[int](t, conn, "select version from lanes_"+lane+"_version"); v != want {
+						t.Errorf("lane %s at version %d, want %d", lane, v, want)
+					}
+				}
+				last := pgtest.Scalar[time.Time](t, conn, "select finished_at from lanes_history where lane = 'slow' and version = 4")
+				applier := pgtest.Scalar[string](t, conn, "select application_name from lanes_history where lane = 'slow' and version = 4")
+				// The replicas that waited learned the completion from a notification, or, through
+				// a transaction pooler without a direct URL, from a poll.
+				wantVia := "notification"
+				if mode == "transaction" && !direct {
+					wantVia = "poll"
+				}
+				for _, r := range rs {
+					k, _ := r.knows("slow")
+					if r.appName() != applier {
+						if k.Via != wantVia {
+							t.Errorf("replica %s learned the slow lane was done by %q, want %q", r.name, k.Via, wantVia)
+						}
+						if k.DoneAt != nil {
+							figure(t, "pgbouncer_"+name+"_completion_latency", k.DoneAt.Sub(last), 0)
+						}
+					}
+					if n := strings.Count(r.log.String(), "polling instead"); mode == "transaction" && !direct && n != 1 {
+						t.Errorf("replica %s said %d times that it polls, want once", r.name, n)
+					}
+					if n := strings.Count(r.log.String(), "pooler in transaction mode"); (mode == "transaction") != (n == 1) {
+						t.Errorf("replica %s said %d times that it goes through a transaction pooler", r.name, n)
+					}
+				}
+				// The commands work through the pooler too.
+				cmdEnv := append([]string{"DATABASE_URL=" + poolURL, "LANES_MIGRATIONS=" + dir}, env...)
+				for _, args := range [][]string{{"migrate"}, {"status"}, {"history", "--lane", "slow"}, {"force", "--lane", "slow", "--version", "4"}} {
+					if res := runLanes(t, cmdEnv, args...); res.code != 0 {
+						t.Errorf("lanes %s through the %s pooler: %v", args[0], mode, res)
+					}
+				}
+			})
 		}
 	}
+}
+
+// TestPgBouncerTransactionModeDirectTakeoverAfterSigkill: through a transaction pooler with
+// LANES_DIRECT_URL, the lane lock is the session lock on the direct connection, and a SIGKILLed
+// applier is taken over within the same bound as on a direct connection.
+func TestPgBouncerTransactionModeDirectTakeoverAfterSigkill(t *testing.T) {
+	t.Parallel()
+	takeoverAfterSigkillEnv(t, viaPgBouncer("transaction"), true)
+}
+
+// leaseTTL is migrator.Config.LeaseTTL's default: a timed lease (through a transaction pooler
+// without a direct URL) not renewed for this long may be taken over.
+const leaseTTL = 3 * time.Second
+
+// pollInterval is notifier.Config.PollInterval's default: behind a transaction pooler without a
+// direct URL the replicas re-read the lanes this often (LISTEN hears nothing there).
+const pollInterval = 5 * time.Second
+
+// leaseHolder returns the application name in the holder of the lane's live timed lease, its
+// epoch, and whether there is one.
+func leaseHolder(t *testing.T, conn *pgx.Conn, lane string) (app string, epoch int64, ok bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	err := conn.QueryRow(ctx, `select substring(holder from '[(](.*)[)]$'), epoch from lanes_lease
+where lane = $1 and session_pid is null and expires_at > clock_timestamp()`, lane).Scan(&app, &epoch)
+	if errors.Is(err, pgx.ErrNoRows) || isUndefinedTable(err) {
+		return "", 0, false
+	}
+	if err != nil {
+		t.Fatalf("read the lease of lane %s: %v", lane, err)
+	}
+	return app, epoch, true
+}
+
+func isUndefinedTable(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "42P01"
+}
+
+// TestPgBouncerTransactionModeTakeoverAfterSigkill: through Debian's PgBouncer in transaction
+// mode, without a direct URL, the replicas hold lanes with timed leases. The applier is
+// SIGKILLed in the middle of a long migration: its lease expires within LeaseTTL, another
+// replica takes the lane over at its next poll, the killed migration's transaction is rolled
+// back (PgBouncer closes the server connection, which the server notices within the
+// transaction's client_connection_check_interval), and every migration is applied exactly once.
+func TestPgBouncerTransactionModeTakeoverAfterSigkill(t *testing.T) {
+	t.Parallel()
+	serverSlots.reserve(t, 3)
+	dbURL := pgtest.NewDB(t)
+	poolURL := startPgBouncer(t, dbURL, "transaction")
+	dir := runsLanes(t)
 	conn := pgtest.Connect(t, dbURL)
-	if n := pgtest.Scalar[int](t, conn, "select count(*) from pg_tables where schemaname = 'public'"); n != 0 {
-		t.Errorf("%d tables created through the transaction pooler", n)
+	rs := map[string]*replica{}
+	for _, name := range []string{"k1", "k2", "k3"} {
+		rs["lanes-"+name] = startReplica(t, name, poolURL, dir)
 	}
-	// Through a session-mode pooler on the same server, migrate works.
-	sessionURL := startPgBouncer(t, dbURL, "session")
-	if res := runLanes(t, []string{"DATABASE_URL=" + sessionURL, "LANES_MIGRATIONS=" + dir}, "migrate"); res.code != 0 {
-		t.Fatalf("migrate through a session pooler: %v", res)
+	for _, r := range rs {
+		testkit.Eventually(t, "replica "+r.name+" ready", 60*time.Second, r.ready)
 	}
-	if res := runLanes(t, env, "status"); res.code != 0 || !strings.Contains(res.stdout, "done") {
-		t.Errorf("status through the transaction pooler: %v", res)
+	var victimApp string
+	var epoch int64
+	testkit.Eventually(t, "a replica holds the slow lane's lease and runs the long migration", 90*time.Second, func() bool {
+		app, e, ok := leaseHolder(t, conn, "slow")
+		if !ok {
+			return false
+		}
+		victimApp, epoch = app, e
+		return pgtest.Scalar[int](t, conn, "select count(*) from pg_stat_activity where application_name = $1 and state = 'active' and query like '%pg_sleep%'", app) == 1
+	})
+	victim := rs[victimApp]
+	if victim == nil {
+		t.Fatalf("the slow lane's lease is held by %q, not by a replica", victimApp)
 	}
+	victim.kill(t)
+	killed := time.Now()
+	hurryUp(t, conn)
+	bound := leaseTTL + pollInterval + slack
+	var took time.Duration
+	var taker string
+	testkit.Eventually(t, "another replica takes the slow lane over", bound+slack, func() bool {
+		app, e, ok := leaseHolder(t, conn, "slow")
+		if ok && e > epoch && app != victimApp {
+			taker, took = app, time.Since(killed)
+			return true
+		}
+		return false
+	})
+	figure(t, "pgbouncer_transaction_takeover_after_sigkill", took, bound)
+	if took > bound {
+		t.Errorf("takeover after %s, want within %s", took, bound)
+	}
+	if rs[taker] == nil {
+		t.Fatalf("the lease went to %q", taker)
+	}
+	for app, r := range rs {
+		if app == victimApp {
+			continue
+		}
+		testkit.Eventually(t, "replica "+r.name+" learns the slow lane is done", 2*time.Minute, func() bool {
+			k, ok := r.knows("slow")
+			return ok && k.Done
+		})
+	}
+	runs := runsByVersion(t, conn)
+	if !slices.Equal(runs[1], []string{victimApp}) || !slices.Equal(runs[2], []string{taker}) || !slices.Equal(runs[3], []string{taker}) || len(runs) != 3 {
+		t.Errorf("runs = %v; want version 1 once by %s (durable before the kill), 2 and 3 once by %s", runs, victimApp, taker)
+	}
+	checkHistoryExactlyOnce(t, conn, 4)
 }

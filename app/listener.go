@@ -13,6 +13,7 @@ import (
 
 	"github.com/multilanes/lanes/internal/backoff"
 	"github.com/multilanes/lanes/internal/connerr"
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/notifier"
 )
 
@@ -197,5 +198,5 @@ func (r *Runtime) restartListener(ctx context.Context) bool {
 
 // newListener returns a new, unstarted listener with the Runtime's settings.
 func (r *Runtime) newListener() (*notifier.Listener, error) {
-	return notifier.New(r.m.ConnConfig(), r.ncfg, r.sync)
+	return notifier.New(engine.SessionConnConfig(r.m), r.ncfg, r.sync)
 }

@@ -198,16 +198,10 @@ func (r *Runtime) nextCheck() time.Duration {
 	return d
 }
 
-// lockFree reports whether the lane's lock is free, taking and releasing it at once: one
-// statement.
+// lockFree reports whether nothing holds the lane (its session lock or its lease): one
+// statement, which takes nothing.
 func (r *Runtime) lockFree(ctx context.Context, conn *pgx.Conn, lane string) (bool, error) {
-	key, err := engine.ApplierLockKey(r.m, lane) // no query
-	if err != nil {
-		return false, err
-	}
-	var free bool
-	err = conn.QueryRow(ctx, "select case when pg_try_advisory_lock($1) then pg_advisory_unlock($1) else false end", key).Scan(&free)
-	return free, err
+	return engine.LaneFree(ctx, r.m, conn, lane)
 }
 
 // setLocked records whether the lane's lock was seen held. A lock seen free forgets its holder.

@@ -81,7 +81,7 @@ func (m *Migrator) stillInTx(conn *pgx.Conn, mig *Migration, want byte) error {
 // inTx runs f in a transaction and commits it, rolling back on any error (on a context that is
 // not cancelled, so a stop still rolls back cleanly).
 func (m *Migrator) inTx(ctx context.Context, conn *pgx.Conn, mig *Migration, f func(pgx.Tx) error) error {
-	tx, err := conn.Begin(ctx)
+	tx, err := m.begin(ctx, conn)
 	if err != nil {
 		return m.wrap(mig, statement{}, fmt.Errorf("begin: %w", err))
 	}

@@ -243,7 +243,7 @@ func (w *walk) batch(ctx context.Context) (fin bool, err error) {
 		return true, nil // an empty table
 	}
 	t0 := time.Now()
-	tx, err := w.conn.Begin(ctx)
+	tx, err := w.m.begin(ctx, w.conn)
 	if err != nil {
 		return false, w.m.wrap(mig, statement{}, fmt.Errorf("begin: %w", err))
 	}
@@ -311,7 +311,10 @@ func (w *walk) batch(ctx context.Context) (fin bool, err error) {
 		}()
 	}
 
-	// Counters and the cursor commit with the batch's work.
+	// Counters and the cursor commit with the batch's work, under the lane's lease.
+	if err = w.l.lock.fence(ctx, tx); err != nil {
+		return false, w.m.wrap(mig, statement{}, err)
+	}
 	now := time.Now()
 	if inst := float64(n) / max(now.Sub(w.lastEnd).Seconds(), 1e-6); w.rate == 0 {
 		w.rate = inst

@@ -23,7 +23,7 @@ const fileSampleDelay = time.Second
 func (m *Migrator) sampleFile(ctx context.Context, conn *pgx.Conn, l *loadedLane, mig *Migration, start time.Time) (stop func()) {
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	done := make(chan struct{})
-	pid := conn.PgConn().PID()
+	pid := session.BackendPID(conn.PgConn())
 	go func() {
 		defer close(done)
 		t := time.NewTimer(fileSampleDelay)

@@ -17,6 +17,9 @@ import (
 // trip, inside the migration's transaction. The version update only matches the expected
 // previous version, so a version table changed behind the lock is detected, not overwritten.
 func (m *Migrator) record(ctx context.Context, tx pgx.Tx, l *loadedLane, mig *Migration, start time.Time) error {
+	if err := l.lock.fence(ctx, tx); err != nil {
+		return m.wrap(mig, statement{}, err)
+	}
 	b := &pgx.Batch{}
 	b.Queue("reset all") // like tern: a migration's SET must not leak into the bookkeeping
 	b.Queue("update "+l.table.Quoted()+" set version = $1 where version = $2", mig.Version, mig.Version-1)

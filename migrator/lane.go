@@ -174,6 +174,7 @@ type loadedLane struct {
 	index      int       // position in the Migrator's lanes
 	table      tableName // as configured; Migrate works on a copy holding the resolved name
 	migrations []*Migration
+	lock       *laneLock // on the copy Migrate works on, once it holds the lane's lock
 }
 
 func (l *loadedLane) latest() int32 { return int32(len(l.migrations)) }

@@ -2,6 +2,7 @@ package migrator
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"hash/fnv"
 	"strings"
@@ -10,18 +11,76 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// laneLock is a session-level advisory lock on the dedicated connection that applies the lane.
-// It is taken with pg_try_advisory_lock only: a session blocked in pg_advisory_lock holds a
-// snapshot, and a CREATE INDEX CONCURRENTLY run by the holder would wait for it forever. A lane
-// may have two keys (see loadedLane.lockKeys): the lock is held when both are, and one attempt
-// takes both or neither.
+// laneLock is a lane's lock. It has two forms, chosen per Migrator (see Config.TransactionPooler):
+//
+//   - On a session (a direct connection, or a session-mode pool), a session-level advisory lock
+//     on the dedicated connection that applies the lane, plus a session lease row pinned to that
+//     session (it holds as long as the advisory lock does). The server frees the advisory lock
+//     the moment the session ends, so a killed applier is taken over within about a second.
+//   - Through a transaction pooler, where a session lock would land on a server connection
+//     other clients then use, a timed lease row only: taken and renewed in short transactions
+//     (every LeaseTTL/3, on a connection of its own), taken over once it has expired.
+//
+// Either way the lease row carries an epoch that moves on with every new holder, and every
+// transaction that records an applier's progress or a version checks it (fence), so an applier
+// that lost the lane can never commit past the loss. The advisory lock is taken with
+// pg_try_advisory_lock only: a session blocked in pg_advisory_lock holds a snapshot, and a CREATE
+// INDEX CONCURRENTLY run by the holder would wait for it forever; the lease is taken by one
+// INSERT ... ON CONFLICT that waits at most for another session's short lease statement. A lane
+// may have two advisory keys (see loadedLane.lockKeys): the lock is held when both are, and one
+// attempt takes both or neither.
 type laneLock struct {
-	conn *pgx.Conn
-	keys []int64 // one or two
+	m     *Migrator
+	lane  string
+	conn  *pgx.Conn
+	keys  []int64 // one or two; keys[0] also keys the lease row
+	timed bool    // a timed lease without a session lock (through a transaction pooler)
+	epoch int64   // the lease's epoch while held; 0 when not held
+	renew *renewer
 }
 
-// tryLock makes one attempt to take the lock.
-func (l *laneLock) tryLock(ctx context.Context) (bool, error) {
+// newLaneLock returns the lock of the lane whose version table resolved to r, taken on conn.
+func (m *Migrator) newLaneLock(conn *pgx.Conn, l *loadedLane, r resolvedTable) *laneLock {
+	return &laneLock{m: m, lane: l.Name, conn: conn, keys: l.lockKeys(r), timed: m.timedLease()}
+}
+
+// tryLock makes one attempt to take the lock. A timed lease starts being renewed; lost is
+// called (once, from another goroutine) if it is lost all the same. lost may be nil.
+func (l *laneLock) tryLock(ctx context.Context, lost func()) (bool, error) {
+	if err := l.m.ensureLeaseTable(ctx, l.conn); err != nil {
+		return false, err
+	}
+	if l.timed {
+		epoch, err := l.acquireLease(ctx, false)
+		if err != nil || epoch == 0 {
+			return false, err
+		}
+		l.epoch = epoch
+		if lost == nil {
+			lost = func() {}
+		}
+		l.renew = l.startRenewer(ctx, lost)
+		return true, nil
+	}
+	got, err := l.tryAdvisory(ctx)
+	if err != nil || !got {
+		return false, err
+	}
+	epoch, err := l.acquireLease(ctx, true)
+	if err == nil && epoch == 0 {
+		// A timed lease holds the lane (an applier through a transaction pooler).
+		err = l.unlockAdvisory(ctx)
+		return false, err
+	}
+	if err != nil {
+		_ = l.unlockAdvisory(ctx)
+		return false, err
+	}
+	l.epoch = epoch
+	return true, nil
+}
+
+func (l *laneLock) tryAdvisory(ctx context.Context) (bool, error) {
 	var ok bool
 	var err error
 	if len(l.keys) == 1 {
@@ -41,13 +100,24 @@ else false end`, l.keys[0], l.keys[1]).Scan(&ok)
 
 // unlock releases the lock. It runs on a context detached from ctx's cancellation, bounded by
 // its own timeout, because it must happen after the caller gave up too. If the connection is
-// gone the server has already released the lock with the session.
+// gone the server has already released the session lock, and the lease row with it.
 func (l *laneLock) unlock(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
+	l.renew.stop()
+	l.renew = nil
 	if l.conn.IsClosed() {
 		return nil
 	}
+	err := l.releaseLease(ctx, l.conn)
+	l.epoch = 0
+	if l.timed {
+		return err
+	}
+	return errors.Join(err, l.unlockAdvisory(ctx))
+}
+
+func (l *laneLock) unlockAdvisory(ctx context.Context) error {
 	q, args := "select pg_advisory_unlock($1)", []any{l.keys[0]}
 	if len(l.keys) == 2 {
 		q, args = "select pg_advisory_unlock($1), pg_advisory_unlock($2)", []any{l.keys[0], l.keys[1]}

@@ -62,6 +62,26 @@ type Config struct {
 	// token of a managed database (RDS, Cloud SQL), or return an error to refuse the attempt.
 	// It must be safe for concurrent use.
 	BeforeConnect func(ctx context.Context, cc *pgx.ConnConfig) error
+	// TransactionPooler says that the connection configuration given to New leads through a
+	// pooler in transaction or statement mode (PgBouncer's pool_mode = transaction), where a
+	// server session is shared by many clients: queries then use pgx.QueryExecModeExec (no
+	// prepared statements kept on a server connection), and, unless Direct is set, a lane's
+	// lock is a timed lease (see LeaseTTL) rather than a session advisory lock. Default false;
+	// Migrator.CheckSessions tells whether it is so.
+	TransactionPooler bool
+	// Direct, when set, is a connection configuration that reaches the server with a session of
+	// its own (the server itself, or a session-mode pool) for a Migrator whose main connection
+	// configuration leads through a transaction pooler: lanes are applied on it (the lane's
+	// session lock and its migrations share that session), and a Runtime (package app) listens
+	// on it. Everything else (status reads, version reads, hints) goes through the main
+	// configuration. It is prepared like the main one, and BeforeConnect runs for it too.
+	// Default nil.
+	Direct *pgx.ConnConfig
+	// LeaseTTL is how long a timed lease (through a transaction pooler without Direct) lives
+	// unless renewed; the applier renews it every LeaseTTL/3, and another replica may take the
+	// lane over once it has expired. It bounds how long a killed or silenced applier keeps the
+	// lane. Default: 3s.
+	LeaseTTL time.Duration
 }
 
 // Migrator applies lanes of migrations to one database. Each lane has its own version table
@@ -81,7 +101,9 @@ type Migrator struct {
 	appName    string
 	status     statusQuery
 	sideSeen   atomic.Bool // the progress and control tables were seen to exist, with the retry schedule
-	userSet    []string    // runtime parameters of the connection configuration, lower-cased
+	leaseSeen  atomic.Bool // the lease table was seen to exist
+	direct     *pgx.ConnConfig
+	userSet    []string // runtime parameters of the connection configuration, lower-cased
 
 	warnOld, warnSet sync.Once   // each said once per Migrator (see noDeadClientCheck)
 	setFailed        atomic.Bool // the server refused the session settings once
@@ -122,6 +144,9 @@ func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error
 	if cfg.RetryMax < cfg.RetryMin {
 		cfg.RetryMax = max(time.Minute, cfg.RetryMin)
 	}
+	if cfg.LeaseTTL <= 0 {
+		cfg.LeaseTTL = 3 * time.Second
+	}
 	cfg.Batch.setDefaults()
 	history, err := parseTableName(cfg.HistoryTable)
 	if err != nil {
@@ -133,7 +158,21 @@ func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error
 		cfg:     cfg,
 		pid:     int32(os.Getpid()),
 	}
-	m.connConfig = session.Prepare(connConfig, session.Hooks{NoDeadClientCheck: m.noDeadClientCheck, SetFailed: m.sessionSetFailed})
+	hooks := session.Hooks{NoDeadClientCheck: m.noDeadClientCheck, SetFailed: m.sessionSetFailed}
+	m.connConfig = session.Prepare(connConfig, hooks)
+	if cfg.TransactionPooler {
+		m.connConfig.DefaultQueryExecMode = pgx.QueryExecModeExec
+	}
+	if cfg.Direct != nil {
+		d := cfg.Direct.Copy()
+		if d.RuntimeParams == nil {
+			d.RuntimeParams = map[string]string{}
+		}
+		if d.RuntimeParams["application_name"] == "" {
+			d.RuntimeParams["application_name"] = m.connConfig.RuntimeParams["application_name"]
+		}
+		m.direct = session.Prepare(d, hooks)
+	}
 	for k := range m.connConfig.RuntimeParams {
 		m.userSet = append(m.userSet, strings.ToLower(k))
 	}
@@ -204,6 +243,19 @@ func (m *Migrator) Channel() string { return m.cfg.Channel }
 // ConnConfig returns a copy of the connection configuration the Migrator uses.
 func (m *Migrator) ConnConfig() *pgx.ConnConfig { return m.connConfig.Copy() }
 
+// sessionConnConfig returns a copy of the connection configuration that reaches the server with
+// a session of its own, for a listener: Config.Direct when set, else the main one.
+func (m *Migrator) sessionConnConfig() *pgx.ConnConfig {
+	if m.direct != nil {
+		return m.direct.Copy()
+	}
+	return m.connConfig.Copy()
+}
+
+// timedLease reports whether a lane's lock is a timed lease: through a transaction pooler
+// without a direct connection.
+func (m *Migrator) timedLease() bool { return m.cfg.TransactionPooler && m.direct == nil }
+
 // Result tells what a Migrate call did.
 type Result struct {
 	Lane    string
@@ -225,13 +277,27 @@ type Result struct {
 // everything. A database ahead of this binary is not an error:
 // Result.Ahead is set and a warning logged.
 //
+// A run that loses its lane (a timed lease that expired and was taken over, see
+// Config.LeaseTTL) has its work rolled back and waits for the lane again.
+//
 // Each migration and its version bump commit in one transaction (disable-tx migrations run
 // outside it, then a short transaction records the version). When a background lane's
 // migration commits, or the last migration of a blocking lane, the same transaction sends
 // NOTIFY on the Migrator's channel. A failure returns a *MigrationError, is recorded in the
 // history table and announced; nothing of a transactional migration stays applied.
 func (m *Migrator) Migrate(ctx context.Context, lane string) (Result, error) {
-	return m.run(ctx, lane, true)
+	applied := 0
+	for {
+		res, err := m.run(ctx, lane, true)
+		applied += res.Applied
+		res.Applied = applied
+		if !errors.Is(err, ErrLeaseLost) || ctx.Err() != nil {
+			return res, err
+		}
+		// Another session took the lane over from this one (its timed lease expired): wait for
+		// that session as for any holder.
+		m.cfg.Logger.Warn().Err(err).Str("lane", lane).Msg("lane lease lost to another session; waiting for the lane again")
+	}
 }
 
 // TryMigrate is Migrate for replicas that retry on their own schedule: it returns ErrLocked at
@@ -302,11 +368,17 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 		return done(v)
 	}
 
-	lock := &laneLock{conn: conn, keys: m.byName[name].lockKeys(resolved)}
+	lock := m.newLaneLock(conn, m.byName[name], resolved)
+	l.lock = lock
+	// A timed lease lost while applying (it could not be renewed in time and another replica
+	// took the lane over) stops this run: its next commit would be refused anyway.
+	ctx, stopRun := context.WithCancelCause(ctx)
+	defer stopRun(nil)
+	lost := func() { stopRun(ErrLeaseLost) }
 	trace := traceFrom(ctx)
 	var waitStart time.Time // set once the lock was found held and this call waits
 	for {
-		got, err := lock.tryLock(ctx)
+		got, err := lock.tryLock(ctx, lost)
 		if err != nil {
 			return res, fmt.Errorf("lane %q: %w", name, err)
 		}
@@ -336,6 +408,9 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	}
 	var failure *event // announced once the lock is released, see recordFailure
 	defer func() {
+		if err != nil && errors.Is(context.Cause(ctx), ErrLeaseLost) && !errors.Is(err, ErrLeaseLost) {
+			err = fmt.Errorf("lane %q: %w", name, ErrLeaseLost)
+		}
 		if uerr := lock.unlock(ctx); uerr != nil {
 			m.cfg.Logger.Warn().Err(uerr).Str("lane", name).Msg("could not release the lane lock; closing the connection releases it")
 			_ = conn.Close(ctx)
@@ -400,7 +475,7 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 		mig := l.migrations[v]
 		start, began := m.cfg.Now(), time.Now()
 		if err := m.apply(ctx, conn, l, mig, start); err != nil {
-			if errors.Is(err, ErrPaused) {
+			if errors.Is(err, ErrPaused) || errors.Is(err, ErrLeaseLost) || errors.Is(context.Cause(ctx), ErrLeaseLost) {
 				res.To = v
 				return res, err
 			}
@@ -433,17 +508,30 @@ func init() {
 		return m.(*Migrator).cfg.BeforeConnect
 	}
 	engine.ApplierLockKey = func(m any, lane string) (int64, error) { return m.(*Migrator).applierLockKey(lane) }
+	engine.LaneFree = func(ctx context.Context, m any, q engine.Querier, lane string) (bool, error) {
+		return m.(*Migrator).laneFree(ctx, q, lane)
+	}
+	engine.SessionConnConfig = func(m any) *pgx.ConnConfig { return m.(*Migrator).sessionConnConfig() }
 }
 
-// connect opens a dedicated connection for applying migrations, with the runtime parameters of
-// session.Prepare, after Config.BeforeConnect. Cancelling the context of a call on it first asks the server to cancel the
-// running statement (so a transaction rolls back and the lane lock is released cleanly) and
-// breaks the connection only if the server has not answered within 5 seconds.
+// connect opens a dedicated connection for applying migrations (through Config.Direct when
+// set), with the runtime parameters of session.Prepare, after Config.BeforeConnect. Cancelling
+// the context of a call on it first asks the server to cancel the running statement (so a
+// transaction rolls back and the lane lock is released cleanly) and breaks the connection only
+// if the server has not answered within 5 seconds. Behind a pooler (found when connecting: the
+// server session is not the one the pooler announced) it breaks the connection after a second
+// instead: a cancel request through PgBouncer 1.18 can make it exit (see session.CancelHandler).
 func (m *Migrator) connect(ctx context.Context) (*pgx.Conn, error) {
-	cfg := m.connConfig.Copy()
-	cfg.BuildContextWatcherHandler = func(pgConn *pgconn.PgConn) ctxwatch.Handler {
-		return &pgconn.CancelRequestContextWatcherHandler{Conn: pgConn, CancelRequestDelay: 0, DeadlineDelay: 5 * time.Second}
+	if m.direct != nil {
+		return m.connectWith(ctx, m.direct, false)
 	}
+	return m.connectWith(ctx, m.connConfig, m.cfg.TransactionPooler)
+}
+
+// connectWith opens a connection with cfg as connect does; pooled: never send a cancel request.
+func (m *Migrator) connectWith(ctx context.Context, cfg *pgx.ConnConfig, pooled bool) (*pgx.Conn, error) {
+	cfg = cfg.Copy()
+	cfg.BuildContextWatcherHandler = func(pgConn *pgconn.PgConn) ctxwatch.Handler { return session.NewCancelHandler(pgConn, pooled) }
 	if m.cfg.BeforeConnect != nil {
 		if err := m.cfg.BeforeConnect(ctx, cfg); err != nil {
 			return nil, fmt.Errorf("connect: before connect: %w", err)

@@ -134,18 +134,23 @@ func (m *Migrator) Force(ctx context.Context, lane string, version int32) (int32
 		return 0, fmt.Errorf("lane %q: %w", lane, err)
 	}
 	resolved := tables[l.index]
-	lock := &laneLock{conn: conn, keys: l.lockKeys(resolved)}
-	got, err := lock.tryLock(ctx)
+	lock := m.newLaneLock(conn, l, resolved)
+	got, err := lock.tryLock(ctx, nil)
 	if err != nil {
 		return 0, fmt.Errorf("lane %q: %w", lane, err)
 	}
 	if !got {
 		le := &LockedError{Lane: lane}
-		_ = conn.QueryRow(ctx, `select format('pid %s, application %s, %s, connected since %s', a.pid, a.application_name, coalesce(a.client_addr::text, 'local socket'), a.backend_start)
+		err := conn.QueryRow(ctx, `select format('pid %s, application %s, %s, connected since %s', a.pid, a.application_name, coalesce(a.client_addr::text, 'local socket'), a.backend_start)
 from pg_locks l join pg_stat_activity a using (pid)
 where l.locktype = 'advisory' and l.granted and l.database = (select oid from pg_database where datname = current_database())
   and l.classid = $1 and l.objid = $2 and l.objsubid = 1 limit 1`,
 			uint32(uint64(lock.keys[0])>>32), uint32(uint64(lock.keys[0]))).Scan(&le.Holder)
+		if errors.Is(err, pgx.ErrNoRows) {
+			// No session holds it: a timed lease does (an applier through a transaction pooler).
+			_ = conn.QueryRow(ctx, "select format('lease of %s, epoch %s, until %s', holder, epoch, expires_at) from "+m.leaseTable().Quoted()+" where key = $1",
+				lock.keys[0]).Scan(&le.Holder)
+		}
 		return 0, le
 	}
 	defer func() { _ = lock.unlock(ctx) }()
@@ -166,6 +171,9 @@ where l.locktype = 'advisory' and l.granted and l.database = (select oid from pg
 		state = wire.Done
 	}
 	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if err := lock.fence(ctx, tx); err != nil {
+			return err
+		}
 		if _, err := tx.Exec(ctx, "alter table "+m.history.Quoted()+" add column if not exists forced_from int4"); err != nil {
 			return err
 		}

@@ -13,16 +13,19 @@ import (
 // mode (PgBouncer's pool_mode = transaction).
 var ErrSharedSessions = errors.New("two connections got the same server session: the connection goes through a pooler in transaction or statement mode, where a lane's session advisory lock lands on a server connection other clients then use and LISTEN hears nothing; connect directly or through a session-mode pool")
 
-// CheckSessions opens two connections at the same time and compares their server sessions
-// (pg_backend_pid, read with the simple protocol). A server, or a session-mode pooler, gives
-// two live connections two sessions; a transaction-mode pooler hands its idle server session to
-// whichever client sends the next transaction, so with an idle pool both get the same one, and
-// CheckSessions returns an error wrapping ErrSharedSessions. A pool busy with other clients can
-// give different sessions even in transaction mode, so a nil error is evidence, not proof. Run
-// it before applying lanes; it costs two short connections. A failure to connect is returned
-// wrapped as the connection attempt returned it.
+// CheckSessions tells whether the connection configuration leads through a pooler in
+// transaction or statement mode. It connects and compares the backend pid the server announced
+// at connect time (BackendKeyData) with pg_backend_pid(): equal on a server's own session, so it
+// returns nil after one short connection. A pooler such as PgBouncer announces a key of its own:
+// CheckSessions then opens a second connection and compares the two connections' server
+// sessions (pg_backend_pid, simple protocol), up to five times. A session-mode pooler gives two
+// live connections two sessions; a transaction-mode pooler hands its idle server session to
+// whichever client sends the next transaction, so both get the same one and CheckSessions
+// returns an error wrapping ErrSharedSessions. A pool kept busy by other clients can give
+// different sessions even in transaction mode every time, so a nil error is evidence, not
+// proof: say so in the configuration (Config.TransactionPooler) when you know. A failure to
+// connect is returned wrapped as the connection attempt returned it.
 func (m *Migrator) CheckSessions(ctx context.Context) error {
-	var pids [2]int32
 	var conns [2]*pgx.Conn
 	defer func() {
 		for _, c := range conns {
@@ -31,20 +34,41 @@ func (m *Migrator) CheckSessions(ctx context.Context) error {
 			}
 		}
 	}()
+	pid := func(c *pgx.Conn) (int32, error) {
+		var p int32
+		if err := c.QueryRow(ctx, "select pg_backend_pid()", pgx.QueryExecModeSimpleProtocol).Scan(&p); err != nil {
+			return 0, fmt.Errorf("check server sessions: %w", err)
+		}
+		return p, nil
+	}
 	for i := range conns {
-		c, err := m.connect(ctx)
+		c, err := m.connectWith(ctx, m.connConfig, true) // no cancel request: it may be a pooler
 		if err != nil {
 			return err
 		}
 		conns[i] = c
-	}
-	for i, c := range conns {
-		if err := c.QueryRow(ctx, "select pg_backend_pid()", pgx.QueryExecModeSimpleProtocol).Scan(&pids[i]); err != nil {
-			return fmt.Errorf("check server sessions: %w", err)
+		if i == 0 {
+			p, err := pid(c)
+			if err != nil {
+				return err
+			}
+			if uint32(p) == c.PgConn().PID() {
+				return nil // the server's own session: no pooler in between
+			}
 		}
 	}
-	if pids[0] == pids[1] {
-		return fmt.Errorf("server session %d: %w", pids[0], ErrSharedSessions)
+	for range 5 {
+		var pids [2]int32
+		for i, c := range conns {
+			p, err := pid(c)
+			if err != nil {
+				return err
+			}
+			pids[i] = p
+		}
+		if pids[0] == pids[1] {
+			return fmt.Errorf("server session %d: %w", pids[0], ErrSharedSessions)
+		}
 	}
 	return nil
 }

@@ -55,6 +55,7 @@ func (t tableName) Quoted() string {
 type resolvedTable struct {
 	table  tableName // schema-qualified; Schema is "" only when the session has no schema to create it in
 	exists bool
+	leases bool // the lease table exists (the same for every lane)
 }
 
 // resolveTables resolves every lane's version table for the session q, in one query: a table
@@ -71,18 +72,18 @@ func (m *Migrator) resolveTables(ctx context.Context, q Querier) (tables []resol
 	for i, l := range m.lanes {
 		names[i], schemas[i] = l.table.Quoted(), l.table.Schema
 	}
-	rows, err := q.Query(ctx, `select coalesce(n.nspname, nullif(u.s, ''), current_schema(), ''), c.oid is not null, to_regclass($3) is not null
+	rows, err := q.Query(ctx, `select coalesce(n.nspname, nullif(u.s, ''), current_schema(), ''), c.oid is not null, to_regclass($3) is not null, to_regclass($4) is not null
 from unnest($1::text[], $2::text[]) with ordinality u(t, s, i)
 left join pg_class c on c.oid = to_regclass(u.t)
 left join pg_namespace n on n.oid = c.relnamespace
-order by u.i`, names, schemas, m.history.Quoted())
+order by u.i`, names, schemas, m.history.Quoted(), m.leaseTable().Quoted())
 	if err != nil {
 		return nil, false, fmt.Errorf("resolve version tables: %w", err)
 	}
 	out := make([]resolvedTable, 0, len(m.lanes))
 	for rows.Next() {
 		var r resolvedTable
-		if err := rows.Scan(&r.table.Schema, &r.exists, &historyExists); err != nil {
+		if err := rows.Scan(&r.table.Schema, &r.exists, &historyExists, &r.leases); err != nil {
 			rows.Close()
 			return nil, false, fmt.Errorf("resolve version tables: %w", err)
 		}

@@ -116,10 +116,14 @@ func (s statusQuery) run(ctx context.Context, q Querier) ([]LaneStatus, error) {
 		for _, key := range l.lockKeys(tables[i]) {
 			held = append(held, fmt.Sprintf("(%d, %d)", uint32(uint64(key)>>32), uint32(uint64(key))))
 		}
+		lease := ""
+		if tables[i].leases {
+			lease = fmt.Sprintf("\n  or exists (select 1 from %s ls where ls.key = %d and %s)", s.m.leaseTable().Quoted(), l.lockKeys(tables[i])[0], leaseHeldSQL)
+		}
 		fmt.Fprintf(&b, `select %d, coalesce(%s, 0),
   exists (select 1 from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database())
-    and (classid::int8, objid::int8) in (%s) and objsubid = 1 and granted)`,
-			i, version, strings.Join(held, ", "))
+    and (classid::int8, objid::int8) in (%s) and objsubid = 1 and granted)%s`,
+			i, version, strings.Join(held, ", "), lease)
 		if historyExists {
 			// left(): rows written by earlier releases may hold a whole multi-megabyte statement;
 			// a status read (every replica, on every notification) fetches a bounded part only.

@@ -430,7 +430,13 @@ func (l *Listener) tryListen(ctx context.Context, conn *pgx.Conn) (bool, error) 
 	return true, nil
 }
 
-// probe sends a notification on a channel only this session listens on and waits for it.
+// probe sends a notification on a channel only this session listens on and waits for it. The
+// notification is sent from a second, short-lived connection, as the notifications the listener
+// waits for are: through a pooler in transaction mode a session's own NOTIFY comes back inline,
+// in the answer to the statement that sent it, while a notification from any other session
+// reaches a server connection that no client is linked to and is dropped (PgBouncer logs "got
+// packet 'A' from server when not linked"). When the second connection cannot be made, the
+// probe is sent from the listening session itself, which proves less.
 func (l *Listener) probe(ctx context.Context, conn *pgx.Conn) (bool, error) {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
@@ -440,10 +446,17 @@ func (l *Listener) probe(ctx context.Context, conn *pgx.Conn) (bool, error) {
 	if _, err := conn.Exec(ctx, "listen "+probe); err != nil {
 		return false, fmt.Errorf("notifier: probe: %w", err)
 	}
-	if _, err := conn.Exec(ctx, "notify "+probe); err != nil {
-		return false, fmt.Errorf("notifier: probe: %w", err)
-	}
 	defer func() { _, _ = conn.Exec(ctx, "unlisten "+probe) }()
+	nctx, ncancel := context.WithTimeout(ctx, l.cfg.ProbeTimeout)
+	err := l.notifyFromAnotherSession(nctx, probe)
+	ncancel()
+	if err != nil {
+		l.log.Debug().Err(err).Msg("probe from a second connection failed; probing from the listening session")
+		if _, err := conn.Exec(ctx, "notify "+probe); err != nil {
+			return false, fmt.Errorf("notifier: probe: %w", err)
+		}
+	}
+	// The wait for the probe gets its own ProbeTimeout, whatever the second connection took.
 	pctx, cancel := context.WithTimeout(ctx, l.cfg.ProbeTimeout)
 	defer cancel()
 	for {
@@ -460,6 +473,17 @@ func (l *Listener) probe(ctx context.Context, conn *pgx.Conn) (bool, error) {
 		// A real notification that arrived meanwhile: connect's handler call re-reads the state.
 		l.count(func(s *Stats) { s.Notifications++ })
 	}
+}
+
+// notifyFromAnotherSession sends NOTIFY channel from a short-lived connection of its own.
+func (l *Listener) notifyFromAnotherSession(ctx context.Context, channel string) error {
+	c, err := pgconnect.Connect(ctx, l.connConfig)
+	if err != nil {
+		return err
+	}
+	defer c.Close(context.WithoutCancel(ctx))
+	_, err = c.Exec(ctx, "notify "+channel, pgx.QueryExecModeSimpleProtocol)
+	return err
 }
 
 func (l *Listener) fallback(why string) {

@@ -166,6 +166,7 @@ type command struct {
 	set        settings
 	log        zerolog.Logger
 	allowDrift bool // --allow-drift of migrate, serve and status
+	pooled     bool // a transaction pooler was detected (see forPooler)
 }
 
 // connConfig parses the database URL (libpq defaults when empty) and bounds connection attempts.
@@ -205,7 +206,16 @@ func (c *command) migrator() (*migrator.Migrator, error) {
 	if err != nil {
 		return nil, err
 	}
-	m, err := migrator.New(cfg, lanes, migrator.Config{Channel: c.set.channel, Logger: c.log, Now: c.env.now, AllowDrift: c.allowDrift, Batch: bc})
+	mode, err := c.poolMode()
+	if err != nil {
+		return nil, err
+	}
+	direct, err := c.directConnConfig()
+	if err != nil {
+		return nil, err
+	}
+	m, err := migrator.New(cfg, lanes, migrator.Config{Channel: c.set.channel, Logger: c.log, Now: c.env.now, AllowDrift: c.allowDrift, Batch: bc,
+		TransactionPooler: c.pooled || mode == "transaction", Direct: direct})
 	if err != nil {
 		return nil, fmt.Errorf("load migrations: %w", err)
 	}
@@ -299,7 +309,7 @@ func run(ctx context.Context, args []string, e *env) int {
 	if errors.As(err, &xe) {
 		code = xe.code
 	}
-	msg := redact(connerr.Compact(err).Error(), s.databaseURL)
+	msg := redact(redact(connerr.Compact(err).Error(), s.databaseURL), e.getenv("LANES_DIRECT_URL"))
 	if s.logFormat == "json" {
 		// Errors go to stderr, even for the demo whose story goes to stdout.
 		errLog := newLogger(s.logFormat, e.stderr, e.terminal, e.now)

@@ -93,7 +93,7 @@ func TestHelp(t *testing.T) {
 		for _, want := range []string{"migrate", "status", "wait", "new", "serve", "demo",
 			"DATABASE_URL", "LANES_MIGRATIONS", "LANES_LOG_FORMAT", "LANES_LANES", "LANES_CHANNEL", "LANES_ADDR",
 			"LANES_TAKEOVER_INTERVAL", "LANES_PING_INTERVAL", "LANES_POLL_INTERVAL", "LANES_RELISTEN_INTERVAL",
-			"name:mode[:version_table]", "Exit codes", "3  wait: --timeout expired"} {
+			"LANES_DIRECT_URL", "LANES_POOL_MODE", "name:mode[:version_table]", "Exit codes", "3  wait: --timeout expired"} {
 			if !strings.Contains(res.stdout, want) {
 				t.Errorf("%q: usage does not mention %q", args, want)
 			}

@@ -111,6 +111,14 @@ durations such as 500ms, 2s or 1m):
   LANES_RELISTEN_INTERVAL  how often LISTEN is tried again while polling (default 1m)
   LANES_ADDR               serve: the listen address when --addr is not given (default :8080)
 
+Poolers, for every command that connects:
+  LANES_DIRECT_URL         a URL reaching the server without a transaction pooler: lanes are
+                           applied (session lock) and notifications heard on it; everything
+                           else uses DATABASE_URL (default: none)
+  LANES_POOL_MODE          transaction or session: how DATABASE_URL is pooled; transaction
+                           means timed lane leases, no prepared statements and polling unless
+                           LANES_DIRECT_URL is set (default: detected at start)
+
 Batched migrations, for serve and migrate (a ---- lanes: batch ... ---- file):
   LANES_BATCH_TARGET       the duration a batch should take; the batch size adapts (default 200ms)
   LANES_BATCH_PAUSE        a sleep between batches (default 0)

@@ -53,6 +53,9 @@ func runHistory(ctx context.Context, c *command, lane string, limit int, asJSON 
 	if err != nil {
 		return err
 	}
+	if m, err = c.forPooler(ctx, m); err != nil {
+		return err
+	}
 	if lane != "" {
 		if err := checkLane(m, lane); err != nil {
 			return err
@@ -139,7 +142,7 @@ func runForce(ctx context.Context, c *command, lane string, version int32) error
 	if err := checkLane(m, lane); err != nil {
 		return err
 	}
-	if err := refuseSharedSessions(ctx, c, m); err != nil {
+	if m, err = c.forPooler(ctx, m); err != nil {
 		return err
 	}
 	from, err := m.Force(ctx, lane, version)

@@ -49,7 +49,7 @@ func runMigrate(ctx context.Context, c *command, only []string, timeout time.Dur
 			return usageErrorf("unknown lane %q (lanes: %s)", n, strings.Join(names, ", "))
 		}
 	}
-	if err := refuseSharedSessions(ctx, c, m); err != nil {
+	if m, err = c.forPooler(ctx, m); err != nil {
 		return err
 	}
 	c.log.Info().Str("target", target(m.ConnConfig())).Msg("applying db migrations")

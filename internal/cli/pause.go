@@ -34,6 +34,9 @@ func runControl(ctx context.Context, c *command, action, lane string) error {
 	if err != nil {
 		return err
 	}
+	if m, err = c.forPooler(ctx, m); err != nil {
+		return err
+	}
 	var names []string
 	for _, l := range m.Lanes() {
 		names = append(names, l.Name)

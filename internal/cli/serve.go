@@ -49,11 +49,6 @@ func runServe(ctx context.Context, c *command, addr string) error {
 	if err != nil {
 		return err
 	}
-	r, err := app.New(m, app.Config{Logger: c.log, TakeoverInterval: tu.takeover, Notifier: tu.notifierConfig(), WaitForDatabase: true, KeepListening: tu.keepListening})
-	if err != nil {
-		return err
-	}
-	defer r.Close()
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", addr, err)
@@ -61,10 +56,16 @@ func runServe(ctx context.Context, c *command, addr string) error {
 	if c.env.onListen != nil {
 		c.env.onListen(ln.Addr())
 	}
-	if err := refuseSharedSessions(ctx, c, m); err != nil {
+	if m, err = c.forPooler(ctx, m); err != nil {
 		ln.Close()
 		return err
 	}
+	r, err := app.New(m, app.Config{Logger: c.log, TakeoverInterval: tu.takeover, Notifier: tu.notifierConfig(), WaitForDatabase: true, KeepListening: tu.keepListening})
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer r.Close()
 	srv := &http.Server{
 		Handler:           r.Handler(),
 		ReadHeaderTimeout: 10 * time.Second,

@@ -35,6 +35,9 @@ func statusFlags(fs *flag.FlagSet) commandBody {
 			if err != nil {
 				return err
 			}
+			if m, err = c.forPooler(ctx, m); err != nil {
+				return err
+			}
 			return runWatch(ctx, c, m)
 		}
 		return runStatus(ctx, c, *asJSON, *timeout)
@@ -52,6 +55,9 @@ type statusJSON struct {
 func runStatus(ctx context.Context, c *command, asJSON bool, timeout time.Duration) error {
 	m, err := c.migrator()
 	if err != nil {
+		return err
+	}
+	if m, err = c.forPooler(ctx, m); err != nil {
 		return err
 	}
 	var lanes []migrator.LaneStatus

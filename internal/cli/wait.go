@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/internal/lanestate"
 	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
@@ -48,6 +49,9 @@ func runWait(ctx context.Context, c *command, lane string, version int, timeout 
 	}
 	m, err := c.migrator()
 	if err != nil {
+		return err
+	}
+	if m, err = c.forPooler(ctx, m); err != nil {
 		return err
 	}
 	lanes := m.Lanes()
@@ -105,11 +109,11 @@ func runWait(ctx context.Context, c *command, lane string, version int, timeout 
 	var l *notifier.Listener
 	err = c.retry(ctx, budget, func(ctx context.Context) error {
 		var err error
-		if l, err = notifier.New(m.ConnConfig(), ncfg, handler); err != nil {
+		if l, err = notifier.New(engine.SessionConnConfig(m), ncfg, handler); err != nil {
 			return err
 		}
 		if err := l.Start(ctx); err != nil {
-			return fmt.Errorf("listen on %s: %w", target(m.ConnConfig()), err)
+			return fmt.Errorf("listen on %s: %w", target(engine.SessionConnConfig(m)), err)
 		}
 		return nil
 	})

@@ -8,6 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/multilanes/lanes/internal/engine"
 	"github.com/multilanes/lanes/internal/lanestate"
 	"github.com/multilanes/lanes/internal/wire"
 	"github.com/multilanes/lanes/migrator"
@@ -67,7 +68,7 @@ func runWatch(ctx context.Context, c *command, m *migrator.Migrator) error {
 	ncfg := tu.notifierConfig()
 	ncfg.Channel = m.Channel()
 	ncfg.Logger = c.log
-	l, err := notifier.New(m.ConnConfig(), ncfg, handler)
+	l, err := notifier.New(engine.SessionConnConfig(m), ncfg, handler)
 	if err != nil {
 		return err
 	}

@@ -25,6 +25,22 @@ var BeforeConnect func(m any) func(context.Context, *pgx.ConnConfig) error
 // Set by package migrator.
 var ApplierLockKey func(m any, lane string) (int64, error)
 
+// LaneFree reports whether nothing holds the lane of m, a *migrator.Migrator: neither a
+// session its advisory lock (tried and released at once) nor a lease row. One statement on q
+// (two while the lease table does not exist yet), which may go through a transaction pooler; it
+// takes nothing. Set by package migrator.
+var LaneFree func(ctx context.Context, m any, q Querier, lane string) (bool, error)
+
+// SessionConnConfig returns a copy of the connection configuration of m, a *migrator.Migrator,
+// that reaches the server with a session of its own, for a listener: its Config.Direct when set,
+// else its main configuration. Set by package migrator.
+var SessionConnConfig func(m any) *pgx.ConnConfig
+
+// Querier runs queries: a *pgx.Conn, a pgx.Tx or a pool.
+type Querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
 type connKey struct{}
 
 // WithConn returns a context that makes a Migrator's TryMigrate run on conn instead of opening

@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 	"unicode"
 
 	"github.com/jackc/pgx/v5"
@@ -104,20 +105,27 @@ func Prepare(c *pgx.ConnConfig, hooks Hooks) *pgx.ConnConfig {
 		if version < DeadClientCheckVersion && !userSet["client_connection_check_interval"] && hooks.NoDeadClientCheck != nil {
 			hooks.NoDeadClientCheck(version)
 		}
-		sql := SQL(version, userSet)
-		if sql == "" {
-			return nil
+		// One statement reads the server session's pid (see BehindPooler) and sets the settings.
+		sql := "select pg_backend_pid()"
+		if set := SQL(version, userSet); set != "" {
+			sql += ", " + strings.TrimPrefix(set, "select ")
 		}
-		_, err = pgConn.Exec(ctx, sql).ReadAll()
+		res, err := pgConn.Exec(ctx, sql).ReadAll()
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && !pgConn.IsClosed() {
 			if hooks.SetFailed != nil {
 				hooks.SetFailed(err)
 			}
-			return nil
+			res, err = pgConn.Exec(ctx, "select pg_backend_pid()").ReadAll()
 		}
 		if err != nil {
 			return fmt.Errorf("set session settings: %w", err)
+		}
+		if len(res) == 1 && len(res[0].Rows) == 1 {
+			if pid, err := strconv.ParseUint(string(res[0].Rows[0][0]), 10, 32); err == nil {
+				pgConn.CustomData()[backendPIDKey] = uint32(pid)
+				pgConn.CustomData()[behindPoolerKey] = uint32(pid) != pgConn.PID()
+			}
 		}
 		return nil
 	}
@@ -127,18 +135,91 @@ func Prepare(c *pgx.ConnConfig, hooks Hooks) *pgx.ConnConfig {
 // SQL returns the one statement that sets the session settings a server of the given
 // version has, leaving out those in skip; "" when there are none. set_config rather than SET:
 // one statement, which a batch (extended protocol) can carry too.
-func SQL(version int, skip map[string]bool) string {
+func SQL(version int, skip map[string]bool) string { return settingsSQL(version, skip, false) }
+
+// LocalSQL is SQL for the current transaction only (set_config's is_local): through a pooler in
+// transaction mode, a transaction sets for itself what a session would keep.
+func LocalSQL(version int, skip map[string]bool) string { return settingsSQL(version, skip, true) }
+
+func settingsSQL(version int, skip map[string]bool, local bool) string {
 	var parts []string
 	for _, s := range sessionSettings {
 		if version < s.minVersion || skip[s.name] {
 			continue
 		}
-		parts = append(parts, fmt.Sprintf("set_config('%s', '%s', false)", s.name, s.value))
+		parts = append(parts, fmt.Sprintf("set_config('%s', '%s', %t)", s.name, s.value, local))
 	}
 	if len(parts) == 0 {
 		return ""
 	}
 	return "select " + strings.Join(parts, ", ")
+}
+
+// behindPoolerKey marks, in a connection's CustomData, a connection whose server session is not
+// the one announced at connect time (BackendKeyData): a pooler such as PgBouncer answers with a
+// key of its own. backendPIDKey holds the pg_backend_pid() read when it connected.
+const (
+	behindPoolerKey = "lanes.behind_pooler"
+	backendPIDKey   = "lanes.backend_pid"
+)
+
+// BehindPooler reports whether pgConn, configured by Prepare, was found to go through a pooler
+// when it connected; true also while that is not known yet (during the connection's set-up).
+func BehindPooler(pgConn *pgconn.PgConn) bool {
+	b, ok := pgConn.CustomData()[behindPoolerKey].(bool)
+	return b || !ok
+}
+
+// BackendPID returns the server session's pid as read when pgConn connected (behind a pooler
+// the pid announced at connect time is the pooler's), or pgConn.PID() when it was not read.
+func BackendPID(pgConn *pgconn.PgConn) uint32 {
+	if p, ok := pgConn.CustomData()[backendPIDKey].(uint32); ok {
+		return p
+	}
+	return pgConn.PID()
+}
+
+// CancelHandler stops a statement whose context is done: with a cancel request on a server's
+// own session, so a transaction rolls back cleanly and the connection stays usable; by breaking
+// the connection behind a pooler, since a cancel request through PgBouncer 1.18 makes it exit
+// ("bad client state") when the cancelling client disconnects first, as pgx's does. A broken
+// connection makes the pooler close the server connection, which the server notices within
+// client_connection_check_interval. Use it as pgconn's BuildContextWatcherHandler.
+type CancelHandler struct {
+	pgConn   *pgconn.PgConn
+	cancel   pgconn.CancelRequestContextWatcherHandler
+	deadline pgconn.DeadlineContextWatcherHandler
+	pooled   bool // always break the connection
+	broke    bool // HandleCancel broke rather than cancelled
+}
+
+// NewCancelHandler returns the handler for pgConn; pooled: never send a cancel request.
+func NewCancelHandler(pgConn *pgconn.PgConn, pooled bool) *CancelHandler {
+	return &CancelHandler{
+		pgConn:   pgConn,
+		cancel:   pgconn.CancelRequestContextWatcherHandler{Conn: pgConn, CancelRequestDelay: 0, DeadlineDelay: 5 * time.Second},
+		deadline: pgconn.DeadlineContextWatcherHandler{Conn: pgConn.Conn(), DeadlineDelay: time.Second},
+		pooled:   pooled,
+	}
+}
+
+// HandleCancel is called when the context of a running statement is done.
+func (h *CancelHandler) HandleCancel(ctx context.Context) {
+	h.broke = h.pooled || BehindPooler(h.pgConn)
+	if h.broke {
+		h.deadline.HandleCancel(ctx)
+		return
+	}
+	h.cancel.HandleCancel(ctx)
+}
+
+// HandleUnwatchAfterCancel is called when the statement ends after HandleCancel.
+func (h *CancelHandler) HandleUnwatchAfterCancel() {
+	if h.broke {
+		h.deadline.HandleUnwatchAfterCancel()
+		return
+	}
+	h.cancel.HandleUnwatchAfterCancel()
 }
 
 // ServerVersion returns the server's version as server_version_num (150010 for 15.10), read from
