@@ -64,10 +64,10 @@ func TestAFloodOfHintsCostsABoundedRate(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		// No backstop timer and no listener check within the test: what the waiters do is what
-		// the notifications make them do.
+		// No backstop timer and no lock check within the test (neither the listener's ping nor a
+		// successor's check): what the waiters do is what the notifications make them do.
 		r, err := app.New(m, app.Config{Logger: zerolog.New(os.Stderr).Level(zerolog.InfoLevel), TakeoverInterval: time.Hour, HintInterval: interval,
-			Notifier: notifier.Config{PingInterval: time.Hour}})
+			SuccessorInterval: time.Hour, FleetInterval: time.Hour, Notifier: notifier.Config{PingInterval: time.Hour}})
 		if err != nil {
 			t.Fatal(err)
 		}
