@@ -73,8 +73,9 @@ func (e *MigrationError) Unwrap() error { return e.Err }
 func (e *MigrationError) Transient() bool { return IsTransient(e.Err) }
 
 // IsTransient reports whether err is worth retrying unchanged: serialization failures,
-// deadlocks, lock and statement timeouts from lock_timeout, lost or refused connections, and
-// server shutdowns. Syntax errors, missing objects and constraint violations are permanent.
+// deadlocks, lock and statement timeouts from lock_timeout, lost or refused connections, server
+// shutdowns, and writes refused by a read-only server (a standby, or the old primary after a
+// switch-over: a retry reaches the new primary). Syntax errors, missing objects and constraint violations are permanent.
 // Context cancellation is not transient: the caller asked to stop.
 func IsTransient(err error) bool {
 	if err == nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
@@ -101,7 +102,8 @@ func transientSQLState(code string) bool {
 		code == "57P01",               // admin_shutdown
 		code == "57P02",               // crash_shutdown
 		code == "57P03",               // cannot_connect_now
-		code == "53300":               // too_many_connections
+		code == "53300",               // too_many_connections
+		code == "25006":               // read_only_sql_transaction: a standby, or the old primary after a switch-over
 		return true
 	}
 	return false
