@@ -243,7 +243,18 @@ func TestPgBouncerAppliesEveryLaneExactlyOnce(t *testing.T) {
 				for _, r := range rs {
 					k, _ := r.knows("slow")
 					if r.appName() != applier {
-						if k.Via != wantVia {
+						switch {
+						case k.Via == wantVia:
+						case wantVia == "notification" && k.Via == "check":
+							// The successor's lock check (every second) may find the lock free
+							// between the applier's commit and the notification's arrival: the
+							// notification must still reach the replica.
+							testkit.Eventually(t, "replica "+r.name+" receives the completion's notification", time.Minute, func() bool {
+								v, ok := r.view()
+								n := v.LastNotification
+								return ok && n != nil && n.Lane == "slow" && n.Version == 4 && n.Kind == "done"
+							})
+						default:
 							t.Errorf("replica %s learned the slow lane was done by %q, want %q", r.name, k.Via, wantVia)
 						}
 						if k.DoneAt != nil {
