@@ -17,13 +17,13 @@ var ErrSharedSessions = errors.New("two connections got the same server session:
 // transaction or statement mode. It connects and compares the backend pid the server announced
 // at connect time (BackendKeyData) with pg_backend_pid(): equal on a server's own session, so it
 // returns nil after one short connection. A pooler such as PgBouncer announces a key of its own:
-// CheckSessions then opens a second connection and compares the two connections' server
-// sessions (pg_backend_pid, simple protocol), up to five times. A session-mode pooler gives two
-// live connections two sessions; a transaction-mode pooler hands its idle server session to
-// whichever client sends the next transaction, so both get the same one and CheckSessions
-// returns an error wrapping ErrSharedSessions. A pool kept busy by other clients can give
-// different sessions even in transaction mode every time, so a nil error is evidence, not
-// proof: say so in the configuration (Config.TransactionPooler) when you know. A failure to
+// CheckSessions then opens a second connection and reads both connections' server sessions
+// (pg_backend_pid, simple protocol), ten times. A session-mode pooler gives two live
+// connections two sessions for life; a transaction-mode pooler hands its idle server session
+// to whichever client sends the next transaction, so both get the same one, or, kept busy by
+// other clients, moves a connection from one session to another: either returns an error
+// wrapping ErrSharedSessions. A pool could still give each connection one session of its own
+// ten times in a row in transaction mode, so a nil error is evidence, not proof: say so in the configuration (Config.TransactionPooler) when you know. A failure to
 // connect is returned wrapped as the connection attempt returned it.
 func (m *Migrator) CheckSessions(ctx context.Context) error {
 	var conns [2]*pgx.Conn
@@ -57,7 +57,13 @@ func (m *Migrator) CheckSessions(ctx context.Context) error {
 			}
 		}
 	}
-	for range 5 {
+	// Through a session-mode pooler each connection keeps its server session for life. So two
+	// connections sharing one (an idle transaction pool hands its most recent server session to
+	// the next client), or one connection whose session changes between statements (a pool
+	// kept busy by other clients, such as replicas starting together), both prove a transaction
+	// pooler.
+	var first [2]int32
+	for round := range 10 {
 		var pids [2]int32
 		for i, c := range conns {
 			p, err := pid(c)
@@ -65,6 +71,11 @@ func (m *Migrator) CheckSessions(ctx context.Context) error {
 				return err
 			}
 			pids[i] = p
+			if round == 0 {
+				first[i] = p
+			} else if p != first[i] {
+				return fmt.Errorf("one connection's server session moved from %d to %d: %w", first[i], p, ErrSharedSessions)
+			}
 		}
 		if pids[0] == pids[1] {
 			return fmt.Errorf("server session %d: %w", pids[0], ErrSharedSessions)
