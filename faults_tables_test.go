@@ -47,16 +47,16 @@ func withSetting(t *testing.T, dbURL, key, value string) string {
 	return u.String()
 }
 
-// tempRole creates a login superuser role with a schema of its own name in no database yet, and
-// drops it at the end of the test. Call it before pgtest.NewDB, so that the database (where the
-// role's schema lives) is dropped first.
-func tempRole(t *testing.T) string {
+// tempRole creates a login role with the given attributes ("superuser", or "nosuperuser
+// nocreatedb nocreaterole"), and drops it at the end of the test. Call it before pgtest.NewDB,
+// so that the database (which the role may own, or hold a schema of its name) is dropped first.
+func tempRole(t *testing.T, attributes string) string {
 	t.Helper()
 	var b [6]byte
 	_, _ = rand.Read(b[:])
 	role := "lanes_r_" + hex.EncodeToString(b[:])
 	admin := pgtest.Connect(t, pgtest.AdminURL(t))
-	if _, err := admin.Exec(t.Context(), "create role "+role+" login superuser"); err != nil {
+	if _, err := admin.Exec(t.Context(), "create role "+role+" login "+attributes); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -95,7 +95,7 @@ func TestFaultVersionTableIsOneTableWhoeverLooks(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			serverSlots.reserve(t, 1)
-			role := tempRole(t)
+			role := tempRole(t, "superuser")
 			dbURL := pgtest.NewDB(t)
 			conn := pgtest.Connect(t, dbURL)
 			if _, err := conn.Exec(t.Context(), "create table public.runs (file text)"); err != nil {

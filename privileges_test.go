@@ -1,9 +1,6 @@
 package main
 
 import (
-	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"net/url"
 	"strings"
@@ -15,31 +12,12 @@ import (
 	"github.com/multilanes/lanes/internal/testkit"
 )
 
-// plainRole creates a login role without superuser nor any other attribute, dropped at the end
-// of the test. Call it before pgtest.NewDB, so that the database is dropped first.
-func plainRole(t *testing.T) string {
-	t.Helper()
-	var b [6]byte
-	_, _ = rand.Read(b[:])
-	role := "lanes_p_" + hex.EncodeToString(b[:])
-	admin := pgtest.Connect(t, pgtest.AdminURL(t))
-	if _, err := admin.Exec(t.Context(), "create role "+role+" login nosuperuser nocreatedb nocreaterole"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if _, err := admin.Exec(context.Background(), "drop role if exists "+role); err != nil {
-			t.Errorf("drop role %s: %v", role, err)
-		}
-	})
-	return role
-}
-
 // The privileges docs/deploy.md gives, tried: a role that owns its database, and nothing more,
 // applies every kind of migration (a table, a concurrent index, a batched backfill); a role
 // with SELECT on the lanes' tables only reads the status and waits for a lane.
 func TestPrivilegesOwnerAppliesReaderReads(t *testing.T) {
 	t.Parallel()
-	owner, reader := plainRole(t), plainRole(t)
+	owner, reader := tempRole(t, "nosuperuser nocreatedb nocreaterole"), tempRole(t, "nosuperuser nocreatedb nocreaterole")
 	dbURL := pgtest.NewDB(t)
 	admin := pgtest.Connect(t, dbURL)
 	db := pgtest.Scalar[string](t, admin, "select current_database()")
