@@ -383,8 +383,11 @@ func TestPgBouncerTransactionModeTakeoverAfterSigkill(t *testing.T) {
 		})
 	}
 	runs := runsByVersion(t, conn)
-	if !slices.Equal(runs[1], []string{victimApp}) || !slices.Equal(runs[2], []string{taker}) || !slices.Equal(runs[3], []string{taker}) || len(runs) != 3 {
-		t.Errorf("runs = %v; want version 1 once by %s (durable before the kill), 2 and 3 once by %s", runs, victimApp, taker)
+	// Version 1 is durable before the kill, applied once by whichever replica held the lease
+	// then (under load a lease may expire between two migrations and pass to another replica,
+	// which is fine: the epoch fences the one that lost it).
+	if len(runs[1]) != 1 || rs[runs[1][0]] == nil || !slices.Equal(runs[2], []string{taker}) || !slices.Equal(runs[3], []string{taker}) || len(runs) != 3 {
+		t.Errorf("runs = %v; want version 1 once by a replica (durable before the kill), 2 and 3 once by %s", runs, taker)
 	}
 	checkHistoryExactlyOnce(t, conn, 4)
 }
