@@ -40,6 +40,31 @@ func (c *counter) counted(cc *pgx.ConnConfig) *pgx.ConnConfig {
 	return cc
 }
 
+// startCountedWaiters starts one replica per counter, its statements and sessions counted, with
+// no backstop timer and no lock check (neither the listener's ping nor a successor's check):
+// what they do is what the notifications make them do. hintInterval 0 is the default.
+func startCountedWaiters(t *testing.T, e *env, g *gate, counters []*counter, hintInterval time.Duration) []*app.Runtime {
+	t.Helper()
+	var waiters []*app.Runtime
+	for _, c := range counters {
+		m, err := migrator.New(c.counted(e.cc), []migrator.Lane{fastLane, slowLane(g)}, migrator.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := app.New(m, app.Config{Logger: zerolog.New(os.Stderr).Level(zerolog.InfoLevel), TakeoverInterval: time.Hour, HintInterval: hintInterval,
+			SuccessorInterval: time.Hour, FleetInterval: time.Hour, Notifier: notifier.Config{PingInterval: time.Hour}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { r.Close() })
+		if err := r.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		waiters = append(waiters, r)
+	}
+	return waiters
+}
+
 // floodSize is how many spoofed notifications TestAFloodOfHintsCostsABoundedRate sends.
 const floodSize = 10_000
 
@@ -58,25 +83,7 @@ func TestAFloodOfHintsCostsABoundedRate(t *testing.T) {
 
 	const interval = 200 * time.Millisecond
 	counters := []*counter{{}, {}}
-	var waiters []*app.Runtime
-	for _, c := range counters {
-		m, err := migrator.New(c.counted(e.cc), []migrator.Lane{fastLane, slowLane(g)}, migrator.Config{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		// No backstop timer and no lock check within the test (neither the listener's ping nor a
-		// successor's check): what the waiters do is what the notifications make them do.
-		r, err := app.New(m, app.Config{Logger: zerolog.New(os.Stderr).Level(zerolog.InfoLevel), TakeoverInterval: time.Hour, HintInterval: interval,
-			SuccessorInterval: time.Hour, FleetInterval: time.Hour, Notifier: notifier.Config{PingInterval: time.Hour}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { r.Close() })
-		if err := r.Start(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		waiters = append(waiters, r)
-	}
+	waiters := startCountedWaiters(t, e, g, counters, interval)
 	testkit.Eventually(t, "both replicas wait for the applier", 10*time.Second, func() bool {
 		return waiters[0].View().Lanes[1].Role == "waiting" && waiters[1].View().Lanes[1].Role == "waiting"
 	})
@@ -154,25 +161,7 @@ func TestHolderNotificationsNeedNoRead(t *testing.T) {
 	waitStarted(t, g)
 
 	counters := []*counter{{}, {}}
-	var waiters []*app.Runtime
-	for _, c := range counters {
-		m, err := migrator.New(c.counted(e.cc), []migrator.Lane{fastLane, slowLane(g)}, migrator.Config{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		// No listener check and no backstop within the test: what the waiters send is what
-		// the notifications make them send.
-		r, err := app.New(m, app.Config{Logger: zerolog.New(os.Stderr).Level(zerolog.InfoLevel), TakeoverInterval: time.Hour,
-			SuccessorInterval: time.Hour, FleetInterval: time.Hour, Notifier: notifier.Config{PingInterval: time.Hour}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { r.Close() })
-		if err := r.Start(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		waiters = append(waiters, r)
-	}
+	waiters := startCountedWaiters(t, e, g, counters, 0)
 	testkit.Eventually(t, "both replicas wait, knowing the lock's holder", time.Minute, func() bool {
 		for _, r := range waiters {
 			if k := r.View().Lanes[1]; k.Role != "waiting" || k.HolderPID == 0 {
