@@ -123,7 +123,7 @@ func failoverBackfill(t *testing.T, f *pgcluster.AutoFailover, n int) {
 	dir := backfillLanes(t)
 	var rs []*replica
 	for i := range n {
-		rs = append(rs, startReplica(t, "backfill"+strconv.Itoa(i+1), dbURL, dir, backfillEnv...))
+		rs = append(rs, startReplica(t, "backfill"+strconv.Itoa(i+1), dbURL, dir, append(backfillEnv, "LANES_BATCH_PAUSE=1s")...)) // the walk must outlast the failover on an idle machine too
 	}
 	for _, r := range rs {
 		testkit.Eventually(t, "replica "+r.name+" ready", 2*time.Minute, r.ready)
