@@ -343,9 +343,10 @@ func TestFaultInterruptedConcurrentIndexIsRebuilt(t *testing.T) {
 	serverSlots.reserve(t, 2)
 	dbURL := pgtest.NewDB(t)
 	dir := testkit.WriteTree(t, map[string]string{
-		// slow_key sleeps 2 ms a row: building an index on it over 2,000 rows takes about 4 s.
+		// slow_key sleeps 2 ms a row: building an index on it over 6,000 rows takes about 12 s,
+		// so that the kill lands inside the build however long a loaded machine delays the test.
 		"fast/001_big.sql": `create table big (i int not null);
-insert into big select generate_series(1, 2000);
+insert into big select generate_series(1, 6000);
 create function slow_key(i int) returns int language plpgsql immutable as $$
 begin
   perform pg_sleep(0.002);
@@ -381,7 +382,7 @@ create index concurrently big_idx on big (slow_key(i));`,
 	if pgtest.Scalar[bool](t, conn, "select indisvalid from pg_index where indexrelid = $1", killedIdx) {
 		t.Fatal("big_idx is valid already: the build is too fast for this test")
 	}
-	time.Sleep(500 * time.Millisecond) // well inside the ~4 s build
+	time.Sleep(500 * time.Millisecond) // well inside the ~12 s build
 	deadCheck := hasDeadClientCheck(t, conn)
 	victim.kill(t)
 	killed := time.Now()
