@@ -65,8 +65,13 @@ type Config struct {
 	// HandlerTimeout bounds each handler call, so that a read stuck on a dead connection (while
 	// polling, when no ping runs) is abandoned and the connection replaced. Default: 30s.
 	HandlerTimeout time.Duration
-	// PingTimeout bounds a ping and a connect attempt. Default: 5s.
+	// PingTimeout bounds a ping. Default: 5s.
 	PingTimeout time.Duration
+	// ConnectTimeout bounds a connect attempt: the connection and LISTEN with its probe. It is
+	// separate from PingTimeout so that a short ping bound (quick detection of a
+	// half-open connection) does not fail every attempt on a server slow to start a session.
+	// Default: 5s, or PingTimeout when that is longer.
+	ConnectTimeout time.Duration
 	// ReconnectMin and ReconnectMax bound the exponential backoff between reconnect attempts
 	// (full jitter). Defaults: 100ms and 1s: a listener back on its server is how a client
 	// learns that the database is back (after a restart or a failover), so it tries often; an
@@ -98,6 +103,7 @@ func (c *Config) setDefaults() {
 	}
 	def(&c.PingInterval, 5*time.Second)
 	def(&c.PingTimeout, 5*time.Second)
+	def(&c.ConnectTimeout, max(5*time.Second, c.PingTimeout))
 	def(&c.HandlerTimeout, 30*time.Second)
 	def(&c.ReconnectMin, 100*time.Millisecond)
 	def(&c.ReconnectMax, time.Second)
@@ -366,7 +372,7 @@ var errRelisten = errors.New("time to try LISTEN again")
 // and runs the handler, in that order, so no change committed after the handler's read can be
 // missed.
 func (l *Listener) connect(ctx context.Context) (*pgx.Conn, bool, error) {
-	cctx, cancel := context.WithTimeout(ctx, l.cfg.PingTimeout)
+	cctx, cancel := context.WithTimeout(ctx, l.cfg.ConnectTimeout)
 	defer cancel()
 	cc := l.connConfig
 	if l.cfg.BeforeConnect != nil {
