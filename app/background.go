@@ -183,9 +183,14 @@ func (r *Runtime) runLane(ctx context.Context, conn **pgx.Conn, l migrator.LaneI
 			retries = 0
 			r.setLocked(l.Name, true, "check")
 			r.setRole(l.Name, "waiting")
-			r.readHolder(ctx, *conn, l.Name)
-			closeQuietly(*conn)
-			*conn = nil
+			if *conn != nil {
+				r.readHolder(ctx, *conn, l.Name)
+				closeQuietly(*conn)
+				*conn = nil
+			} else {
+				// The connection broke as the run stopped (a lease lost while cut off).
+				r.setHolder(l.Name, 0)
+			}
 			waited = true
 			began := time.Now()
 			err := r.waitForHolder(ctx, l.Name)

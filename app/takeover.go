@@ -199,7 +199,9 @@ func (r *Runtime) nextCheck() time.Duration {
 }
 
 // lockFree reports whether nothing holds the lane (its session lock or its lease): one
-// statement, which takes nothing.
+// statement, which takes nothing. The same statement finds a holder gone silent (its heartbeat
+// expired, see migrator.Config.SilenceBound), whose session it then ends: the successor is the
+// one replica of the fleet that does so, and the lock is found free at its next check.
 func (r *Runtime) lockFree(ctx context.Context, conn *pgx.Conn, lane string) (bool, error) {
 	return engine.LaneFree(ctx, r.m, conn, lane)
 }

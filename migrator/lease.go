@@ -88,8 +88,9 @@ func advisoryHeldSQL(keys []int64) string {
 
 // acquireLease takes the lane's lease row with one statement and returns its new epoch, or 0
 // when another session holds the lane. A session lease (session true: the caller holds the
-// lane's advisory lock on conn) lives as long as that lock; a timed lease until
-// clock_timestamp() + ttl unless renewed. A lease row is taken over when it no longer holds its
+// lane's advisory lock on conn) lives as long as that lock, and its expires_at is a heartbeat
+// (clock_timestamp() + SilenceBound unless renewed, see endSilentHolder); a timed lease lives
+// until clock_timestamp() + LeaseTTL unless renewed. A lease row is taken over when it no longer holds its
 // lane (leaseHeldSQL); never while a session other than conn's holds one of the lane's advisory
 // locks (an applier of a release without leases, or a session applier that has not written
 // its row yet). Concurrent takers serialise on the row: exactly one gets each epoch.
@@ -97,14 +98,14 @@ func (l *laneLock) acquireLease(ctx context.Context, session bool) (int64, error
 	t := l.m.leaseTable().Quoted()
 	q := `insert into ` + t + ` as ls (key, lane, holder, session_pid, epoch, expires_at, acquired_at)
 select $1, $2, $3, case when $4 then pg_backend_pid() end, 1,
-  case when $4 then 'infinity'::timestamptz else clock_timestamp() + $5::int8 * interval '1 millisecond' end, clock_timestamp()
+  clock_timestamp() + $5::int8 * interval '1 millisecond', clock_timestamp()
 where not ` + advisoryHeldSQL(l.keys) + `
 on conflict (key) do update set lane = excluded.lane, holder = excluded.holder, session_pid = excluded.session_pid,
   epoch = ls.epoch + 1, expires_at = excluded.expires_at, acquired_at = excluded.acquired_at
 where not ` + leaseHeldSQL + `
 returning epoch`
 	var epoch int64
-	err := l.conn.QueryRow(ctx, q, l.keys[0], l.lane, l.m.holder(), session, l.m.cfg.LeaseTTL.Milliseconds()).Scan(&epoch)
+	err := l.conn.QueryRow(ctx, q, l.keys[0], l.lane, l.m.holder(), session, l.term(session).Milliseconds()).Scan(&epoch)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, nil
 	}
@@ -143,13 +144,23 @@ func (m *Migrator) begin(ctx context.Context, conn *pgx.Conn) (pgx.Tx, error) {
 	return tx, nil
 }
 
+// term is how long the lease lives unless renewed: LeaseTTL for a timed lease, SilenceBound
+// for the heartbeat of a session lease.
+func (l *laneLock) term(session bool) time.Duration {
+	if session {
+		return l.m.cfg.SilenceBound
+	}
+	return l.m.cfg.LeaseTTL
+}
+
 // holder names this replica in the lease table.
 func (m *Migrator) holder() string {
 	return fmt.Sprintf("%s pid %d (%s)", m.host, m.pid, m.appName)
 }
 
 // fence runs inside every transaction that records an applier's progress or a version: it
-// checks that the lease still has this lock's epoch and, for a timed lease, extends it. The row
+// checks that the lease still has this lock's epoch and extends it (a timed lease, or a session
+// lease's heartbeat). The row
 // stays locked until the transaction ends, so no other session can take the lane between the
 // check and the commit; a lease taken over since (a new epoch) makes it return an error
 // wrapping ErrLeaseLost and the transaction must roll back. One short statement.
@@ -158,10 +169,9 @@ func (l *laneLock) fence(ctx context.Context, tx pgx.Tx) error {
 		return nil
 	}
 	var sameSession bool
-	err := tx.QueryRow(ctx, "update "+l.m.leaseTable().Quoted()+` set expires_at = case when session_pid is null
-  then greatest(expires_at, clock_timestamp() + $3::int8 * interval '1 millisecond') else expires_at end
+	err := tx.QueryRow(ctx, "update "+l.m.leaseTable().Quoted()+` set expires_at = greatest(expires_at, clock_timestamp() + $3::int8 * interval '1 millisecond')
 where key = $1 and epoch = $2
-returning session_pid is null or session_pid = pg_backend_pid()`, l.keys[0], l.epoch, l.m.cfg.LeaseTTL.Milliseconds()).Scan(&sameSession)
+returning session_pid is null or session_pid = pg_backend_pid()`, l.keys[0], l.epoch, l.term(!l.timed).Milliseconds()).Scan(&sameSession)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return fmt.Errorf("lane %q, epoch %d: %w", l.lane, l.epoch, ErrLeaseLost)
@@ -192,10 +202,10 @@ func (l *laneLock) releaseLease(ctx context.Context, conn *pgx.Conn) error {
 	return nil
 }
 
-// renewer keeps a timed lease alive: every LeaseTTL/3 it extends the lease on a connection of
-// its own (the applying connection is busy running the migration), and calls lost once when
-// the lease no longer has its epoch or could not be renewed before it expired. stop ends it
-// and waits.
+// renewer keeps a lease alive, a timed lease or a session lease's heartbeat: every third of
+// its term (LeaseTTL, SilenceBound) it extends the lease on a connection of its own (the
+// applying connection is busy running the migration), and calls lost once when the lease no
+// longer has its epoch or could not be renewed before it expired. stop ends it and waits.
 type renewer struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -213,7 +223,7 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 				_ = conn.Close(cctx)
 			}
 		}()
-		ttl := l.m.cfg.LeaseTTL
+		ttl := l.term(!l.timed)
 		deadline := time.Now().Add(ttl)
 		t := time.NewTicker(ttl / 3)
 		defer t.Stop()
@@ -234,16 +244,24 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 					conn = c
 				}
 				began := time.Now()
-				tag, err := conn.Exec(rctx, "update "+l.m.leaseTable().Quoted()+
-					" set expires_at = clock_timestamp() + $3::int8 * interval '1 millisecond' where key = $1 and epoch = $2",
-					l.keys[0], l.epoch, ttl.Milliseconds())
+				// A lease extended by a fence within the last third of its term (a backfill's
+				// batches) is left alone: the renewal would only queue behind the batch's row
+				// lock, or make the batch's fence queue behind it (and fail on the batch's
+				// lock_timeout). left is how long the lease still lives; NULL once lost.
+				t := l.m.leaseTable().Quoted()
+				var left *float64
+				err := conn.QueryRow(rctx, `with renewed as (update `+t+` set expires_at = clock_timestamp() + $3::int8 * interval '1 millisecond'
+  where key = $1 and epoch = $2 and expires_at < clock_timestamp() + $3::int8 * interval '1 millisecond' * 2 / 3
+  returning expires_at)
+select extract(epoch from coalesce((select expires_at from renewed), (select expires_at from `+t+` where key = $1 and epoch = $2)) - clock_timestamp())::float8`,
+					l.keys[0], l.epoch, ttl.Milliseconds()).Scan(&left)
 				if err != nil {
 					return false, err
 				}
-				if tag.RowsAffected() == 1 {
-					deadline = began.Add(ttl)
+				if left != nil {
+					deadline = began.Add(min(ttl, time.Duration(*left*float64(time.Second))))
 				}
-				return tag.RowsAffected() == 1, nil
+				return left != nil, nil
 			}()
 			switch {
 			case ctx.Err() != nil:
@@ -253,7 +271,8 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 				lost()
 				return
 			case err != nil && time.Now().After(deadline):
-				l.m.cfg.Logger.Warn().Err(err).Str("lane", l.lane).Int64("epoch", l.epoch).Msg("could not renew the lane lease before it expired: stopping this run")
+				l.m.cfg.Logger.Warn().Err(err).Str("lane", l.lane).Int64("epoch", l.epoch).Float64("term_s", ttl.Seconds()).
+					Msg("could not renew the lane lease before it expired (another replica may end this session and take the lane over): stopping this run")
 				lost()
 				return
 			case err != nil:
@@ -281,7 +300,10 @@ func isPgError(err error) bool {
 	return errors.As(err, &pgErr)
 }
 
-// laneFree reports whether nothing holds the lane (see engine.LaneFree).
+// laneFree reports whether nothing holds the lane (see engine.LaneFree). The same statement
+// looks for a holder whose heartbeat expired (see silentSQL); when the lane is held by one,
+// laneFree ends that session (endSilent) and reports the lane held: the next check finds it
+// free once the server has ended the session.
 func (m *Migrator) laneFree(ctx context.Context, q engine.Querier, lane string) (bool, error) {
 	l, ok := m.byName[lane]
 	if !ok {
@@ -289,8 +311,12 @@ func (m *Migrator) laneFree(ctx context.Context, q engine.Querier, lane string) 
 	}
 	key := l.table.lockKey()
 	var free bool
+	var s silent
 	err := q.QueryRow(ctx, `select case when pg_try_advisory_lock($1) then pg_advisory_unlock($1) else false end
-  and not exists (select 1 from `+m.leaseTable().Quoted()+` ls where ls.lane = $2 and `+leaseHeldSQL+`)`, key, lane).Scan(&free)
+  and not exists (select 1 from `+m.leaseTable().Quoted()+` ls where ls.lane = $2 and `+leaseHeldSQL+`),
+  s.key, s.epoch, s.session_pid
+from (select 1) one left join lateral (select ls.key, ls.epoch, ls.session_pid from `+m.leaseTable().Quoted()+` ls
+  where ls.lane = $2 and `+silentSQL+` limit 1) s on true`, key, lane).Scan(&free, &s.key, &s.epoch, &s.pid)
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "42P01" { // no lease table yet: no lease
 		err = q.QueryRow(ctx, "select case when pg_try_advisory_lock($1) then pg_advisory_unlock($1) else false end", key).Scan(&free)
@@ -298,5 +324,88 @@ func (m *Migrator) laneFree(ctx context.Context, q engine.Querier, lane string) 
 	if err != nil {
 		return false, fmt.Errorf("lane %q: check its lock: %w", lane, err)
 	}
+	if !free && s.pid != nil {
+		m.endSilent(ctx, q, lane, s)
+	}
 	return free, nil
+}
+
+// silentSQL is the condition, over the lease table aliased "ls", under which a session lease's
+// holder has gone silent: its heartbeat expired (expires_at, renewed every SilenceBound/3 by a
+// healthy applier, lies in the past) while its session, not the current one, still holds the
+// lane's advisory lock, and that session is the one that took the lease (it did not start after
+// the lease was acquired: a new backend given the same pid is not the lease's holder; a role
+// that may not see the session's start takes the pid for it). A session lease written by a
+// release without heartbeats expires at infinity: never silent.
+const silentSQL = `ls.session_pid is not null and ls.session_pid <> pg_backend_pid() and ls.expires_at < clock_timestamp()
+  and exists (select 1 from pg_locks
+    where locktype = 'advisory' and granted and pid = ls.session_pid and database = (select oid from pg_database where datname = current_database())
+      and (classid::int8 << 32 | objid::int8) = ls.key and objsubid = 1)
+  and coalesce((select a.backend_start <= ls.acquired_at from pg_stat_activity a where a.pid = ls.session_pid), true)`
+
+// silent is a lease row whose holder was found silent.
+type silent struct {
+	key, epoch *int64
+	pid        *int32
+}
+
+// endSilentHolder looks for a silent holder of the lane (see silentSQL) and ends its session
+// (see endSilent): one statement while there is none. It reports whether it ended one.
+func (m *Migrator) endSilentHolder(ctx context.Context, q engine.Querier, lane string) (bool, error) {
+	var s silent
+	err := q.QueryRow(ctx, `select ls.key, ls.epoch, ls.session_pid from `+m.leaseTable().Quoted()+` ls
+where ls.lane = $1 and `+silentSQL+` limit 1`, lane).Scan(&s.key, &s.epoch, &s.pid)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("lane %q: look for a silent holder: %w", lane, err)
+	}
+	return m.endSilent(ctx, q, lane, s), nil
+}
+
+// endSilent ends the session of a silent holder found as s, with pg_terminate_backend: in one
+// statement that checks again that the lease row still has s's epoch and pid and that its
+// holder is still silent (silentSQL), so that neither a holder that renewed its heartbeat since
+// nor a new holder is ended. The ended session's transaction rolls back, the server frees its
+// lock, and the next taker moves the lease's epoch on, which the old holder's fence then
+// refuses. Without the permission (the same role, or pg_signal_backend; a superuser's session
+// only by a superuser) it warns once per Migrator and leaves the session alone. It logs a
+// warning naming the lane, the holder and how long the holder was silent, and reports whether
+// it ended the session; a failed statement is logged, not returned (the caller keeps waiting).
+func (m *Migrator) endSilent(ctx context.Context, q engine.Querier, lane string, s silent) bool {
+	var (
+		holder  string
+		expired float64
+		ended   *bool
+	)
+	err := q.QueryRow(ctx, `select ls.holder, extract(epoch from clock_timestamp() - ls.expires_at)::float8,
+  case when r.rolsuper and not (select rolsuper from pg_roles where rolname = current_user) then null
+    when pg_has_role(a.usesysid, 'USAGE') or pg_has_role('pg_signal_backend'::name, 'USAGE') then pg_terminate_backend(ls.session_pid)
+  end
+from `+m.leaseTable().Quoted()+` ls
+left join pg_stat_activity a on a.pid = ls.session_pid
+left join pg_roles r on r.oid = a.usesysid
+where ls.key = $1 and ls.epoch = $2 and ls.session_pid = $3 and `+silentSQL, *s.key, *s.epoch, *s.pid).Scan(&holder, &expired, &ended)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false // renewed, released or taken over since it was found
+	}
+	if err != nil {
+		m.cfg.Logger.Warn().Err(err).Str("lane", lane).Int32("pid", *s.pid).Msg("could not end the session of the lane's silent applier; waiting")
+		return false
+	}
+	// The heartbeat was last renewed about SilenceBound before it expired (assuming the holder
+	// has the same bound as this replica).
+	silence := time.Duration(expired*float64(time.Second)) + m.cfg.SilenceBound
+	if ended == nil || !*ended {
+		m.warnSilent.Do(func() {
+			m.cfg.Logger.Warn().Str("lane", lane).Str("holder", holder).Int32("pid", *s.pid).Float64("silent_s", silence.Seconds()).
+				Msg("the lane's applier has gone silent but this role may not end its session (grant pg_signal_backend, or use the applier's role): waiting for it")
+		})
+		return false
+	}
+	m.cfg.Logger.Warn().Str("lane", lane).Str("holder", holder).Int32("pid", *s.pid).Int64("epoch", *s.epoch).Float64("silent_s", silence.Seconds()).
+		Float64("silence_bound_s", m.cfg.SilenceBound.Seconds()).
+		Msg("the lane's applier went silent (its heartbeat expired while its session holds the lane): ended its session to take the lane over")
+	return true
 }

@@ -16,7 +16,11 @@ import (
 //   - On a session (a direct connection, or a session-mode pool), a session-level advisory lock
 //     on the dedicated connection that applies the lane, plus a session lease row pinned to that
 //     session (it holds as long as the advisory lock does). The server frees the advisory lock
-//     the moment the session ends, so a killed applier is taken over within about a second.
+//     the moment the session ends, so a killed applier is taken over within about a second. The
+//     row also carries a heartbeat the applier renews (every SilenceBound/3, on a connection
+//     of its own): a session whose heartbeat expired while it still holds the lock (an applier
+//     cut off behind a middlebox that keeps its sockets open) is ended by a waiting replica
+//     (see endSilentHolder).
 //   - Through a transaction pooler, where a session lock would land on a server connection
 //     other clients then use, a timed lease row only: taken and renewed in short transactions
 //     (every LeaseTTL/3, on a connection of its own), taken over once it has expired.
@@ -44,8 +48,9 @@ func (m *Migrator) newLaneLock(conn *pgx.Conn, l *loadedLane, r resolvedTable) *
 	return &laneLock{m: m, lane: l.Name, conn: conn, keys: l.lockKeys(r), timed: m.timedLease()}
 }
 
-// tryLock makes one attempt to take the lock. A timed lease starts being renewed; lost is
-// called (once, from another goroutine) if it is lost all the same. lost may be nil.
+// tryLock makes one attempt to take the lock. The lease (timed, or a session lease's heartbeat)
+// starts being renewed; lost is called (once, from another goroutine) if it is lost all the
+// same. lost may be nil.
 func (l *laneLock) tryLock(ctx context.Context, lost func()) (bool, error) {
 	if err := l.m.ensureLeaseTable(ctx, l.conn); err != nil {
 		return false, err
@@ -77,6 +82,10 @@ func (l *laneLock) tryLock(ctx context.Context, lost func()) (bool, error) {
 		return false, err
 	}
 	l.epoch = epoch
+	if lost == nil {
+		lost = func() {}
+	}
+	l.renew = l.startRenewer(ctx, lost)
 	return true, nil
 }
 

@@ -82,6 +82,19 @@ type Config struct {
 	// lane over once it has expired. It bounds how long a killed or silenced applier keeps the
 	// lane. Default: 3s.
 	LeaseTTL time.Duration
+	// SilenceBound bounds how long an applier holding a lane's session lock (a direct
+	// connection, or Direct) may go silent: its lease carries a heartbeat, renewed every
+	// SilenceBound/3 on a connection of its own, that expires SilenceBound after the last
+	// renewal. A replica waiting for the lane that finds the heartbeat expired while the
+	// holder's session still holds the lock ends that session (pg_terminate_backend: the same
+	// role, or pg_signal_backend) and takes the lane over; the holder's transaction rolls back
+	// and the lease's epoch moves on, so a late commit of a healed applier is refused. An
+	// applier that cannot renew before its heartbeat expires stops its run (ErrLeaseLost), as
+	// with a timed lease. It is what ends an applier cut off behind a middlebox that keeps
+	// both sockets open (no TCP keepalive nor client_connection_check_interval notices that);
+	// a healthy applier's long statement is never ended, its heartbeat being renewed
+	// meanwhile. Default: 10s.
+	SilenceBound time.Duration
 }
 
 // Migrator applies lanes of migrations to one database. Each lane has its own version table
@@ -106,6 +119,7 @@ type Migrator struct {
 	userSet    []string // runtime parameters of the connection configuration, lower-cased
 
 	warnOld, warnSet sync.Once   // each said once per Migrator (see noDeadClientCheck)
+	warnSilent       sync.Once   // a silent holder this role may not end (see endSilent)
 	setFailed        atomic.Bool // the server refused the session settings once
 
 }
@@ -146,6 +160,9 @@ func New(connConfig *pgx.ConnConfig, lanes []Lane, cfg Config) (*Migrator, error
 	}
 	if cfg.LeaseTTL <= 0 {
 		cfg.LeaseTTL = 3 * time.Second
+	}
+	if cfg.SilenceBound <= 0 {
+		cfg.SilenceBound = 10 * time.Second
 	}
 	cfg.Batch.setDefaults()
 	history, err := parseTableName(cfg.HistoryTable)
@@ -376,7 +393,8 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	defer stopRun(nil)
 	lost := func() { stopRun(ErrLeaseLost) }
 	trace := traceFrom(ctx)
-	var waitStart time.Time // set once the lock was found held and this call waits
+	var waitStart time.Time  // set once the lock was found held and this call waits
+	var lastSilent time.Time // when this call last looked for a silent holder
 	for {
 		got, err := lock.tryLock(ctx, lost)
 		if err != nil {
@@ -393,6 +411,13 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 		}
 		if waitStart.IsZero() {
 			waitStart = time.Now()
+		}
+		if time.Since(lastSilent) >= silentCheckEvery {
+			// A holder cut off behind a middlebox never lets go of the lock by itself.
+			lastSilent = time.Now()
+			if _, err := m.endSilentHolder(ctx, conn, name); err != nil {
+				m.cfg.Logger.Debug().Err(err).Str("lane", name).Msg("look for a silent holder")
+			}
 		}
 		if err := backoff.Sleep(ctx, backoff.Jitter(m.cfg.LockPollInterval)); err != nil {
 			trace.lockWaited(name, waitStart, false)
@@ -501,6 +526,10 @@ func (m *Migrator) runOn(ctx context.Context, conn *pgx.Conn, name string, wait 
 	}
 	return done(v)
 }
+
+// silentCheckEvery is how often Migrate, waiting for a lane's lock, looks for a silent holder
+// (see endSilentHolder).
+const silentCheckEvery = time.Second
 
 func init() {
 	engine.Connect = func(ctx context.Context, m any) (*pgx.Conn, error) { return m.(*Migrator).connect(ctx) }

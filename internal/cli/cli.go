@@ -214,8 +214,14 @@ func (c *command) migrator() (*migrator.Migrator, error) {
 	if err != nil {
 		return nil, err
 	}
+	var bound time.Duration
+	if s := strings.TrimSpace(c.env.getenv("LANES_SILENCE_BOUND")); s != "" {
+		if bound, err = time.ParseDuration(s); err != nil || bound < 0 {
+			return nil, usageErrorf("invalid LANES_SILENCE_BOUND=%q: want a duration such as 10s", s)
+		}
+	}
 	m, err := migrator.New(cfg, lanes, migrator.Config{Channel: c.set.channel, Logger: c.log, Now: c.env.now, AllowDrift: c.allowDrift, Batch: bc,
-		TransactionPooler: c.pooled || mode == "transaction", Direct: direct})
+		TransactionPooler: c.pooled || mode == "transaction", Direct: direct, SilenceBound: bound})
 	if err != nil {
 		return nil, fmt.Errorf("load migrations: %w", err)
 	}

@@ -110,6 +110,10 @@ durations such as 500ms, 2s or 1m):
                            standby, a pooler in transaction mode) (default 5s)
   LANES_RELISTEN_INTERVAL  how often LISTEN is tried again while polling (default 1m)
   LANES_ADDR               serve: the listen address when --addr is not given (default :8080)
+  LANES_SILENCE_BOUND      serve and migrate: how long a lane's applier may go without renewing
+                           its heartbeat (every third of it) before a waiting replica ends its
+                           session and takes the lane over: an applier cut off behind a
+                           middlebox that keeps its sockets open (default 10s)
 
 Poolers, for every command that connects:
   LANES_DIRECT_URL         a URL reaching the server without a transaction pooler: lanes are
