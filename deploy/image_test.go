@@ -3,12 +3,12 @@ package deploy
 // The Dockerfile built and run, and the manifests' pods played with the built image against a
 // real PostgreSQL, as far as that goes without a Kubernetes cluster.
 //
-// No container registry is needed: the Dockerfile's base images are build arguments, and the
-// test gives it local stand-ins. The builder is a Debian root (LANES_TEST_PG_IMAGE, the local
-// PostgreSQL image, is one) with this machine's Go toolchain, module downloads and a build cache
-// warmed by the same `go build` on the host (LANES_TEST_GO_IMAGE names a real Go image
-// instead); the runtime is `scratch` (LANES_TEST_RUNTIME_IMAGE names another), which is why the
-// Dockerfile copies the builder's CA bundle.
+// No image is pulled when the PostgreSQL image is local: the Dockerfile's base images are build
+// arguments, and the test gives it stand-ins. The builder is a Debian root (the PostgreSQL image,
+// LANES_TEST_PG_IMAGE, default postgres:15, is one) with the host's Go toolchain, module
+// downloads and a build cache warmed by the same `go build` on the host (LANES_TEST_GO_IMAGE
+// names a real Go image instead); the runtime is `scratch` (LANES_TEST_RUNTIME_IMAGE names
+// another), which is why the Dockerfile copies the builder's CA bundle.
 //
 // A pod is played the way the kubelet runs one: a sandbox container owns the pod's network
 // namespace and every container of the pod joins it; commands, arguments, environment (secret
@@ -22,6 +22,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -68,13 +69,13 @@ func TestImageAndPodLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	id := randomHex()
-	debian := envOr("LANES_TEST_PG_IMAGE", "multilanes/postgres:15")
+	debian := envOr("LANES_TEST_PG_IMAGE", "postgres:15") // a Debian root, as pgtest's default
 
 	// The Dockerfile, built with stand-in base images.
 	began := time.Now()
 	goImage := os.Getenv("LANES_TEST_GO_IMAGE")
 	if goImage == "" {
-		goImage = d.goBuilder(t, repo, debian, "lanes-test-gobuilder:"+id)
+		goImage = d.goBuilder(t, repo, debian)
 	}
 	t.Logf("builder image %s ready after %s", goImage, time.Since(began).Round(time.Second))
 	began = time.Now()
@@ -309,18 +310,28 @@ func (d docker) must(t *testing.T, timeout time.Duration, args ...string) string
 // quiet runs a cleanup command whose failure does not matter.
 func (d docker) quiet(args ...string) { _, _ = d.run(2*time.Minute, args...) }
 
-// goBuilder makes the stand-in Go builder image: the Debian root plus this machine's Go
-// toolchain, its module downloads and a build cache warmed by the Dockerfile's own build
-// command run on the host, so the image's build compiles little.
-func (d docker) goBuilder(t *testing.T, repo, debian, tag string) string {
+// goBuilder makes the stand-in Go builder image, or reuses the one made for the same Go
+// version, go.sum and Debian root: the Debian root plus the host's Go toolchain, its module
+// downloads and a build cache warmed by the Dockerfile's own build command run on the host, so
+// the image's build compiles little. The image is kept, as the PostgreSQL image is.
+func (d docker) goBuilder(t *testing.T, repo, debian string) string {
 	t.Helper()
+	sum, err := os.ReadFile(filepath.Join(repo, "go.sum"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.Sum256([]byte(goEnv(t, "GOVERSION") + "\n" + debian + "\n" + string(sum)))
+	tag := "lanes-test-gobuilder:" + hex.EncodeToString(h[:6])
+	if _, err := d.run(time.Minute, "image", "inspect", tag); err == nil {
+		return tag
+	}
 	goroot := strings.TrimSpace(goEnv(t, "GOROOT"))
 	modcache := strings.TrimSpace(goEnv(t, "GOMODCACHE"))
 	cache := os.Getenv("LANES_TEST_IMAGE_GOCACHE")
 	if cache == "" {
 		dir, err := os.UserCacheDir()
 		if err != nil {
-			t.Fatal(err)
+			dir = os.TempDir()
 		}
 		cache = filepath.Join(dir, "lanes-image-gocache")
 	}
@@ -364,7 +375,6 @@ func (d docker) goBuilder(t *testing.T, repo, debian, tag string) string {
 		t.Fatal(err)
 	}
 	d.must(t, 20*time.Minute, "build", "-t", tag, dir)
-	t.Cleanup(func() { d.quiet("rmi", "-f", tag) })
 	return tag
 }
 
