@@ -62,10 +62,11 @@ type Config struct {
 	// most 0.5 s, and its backoff starts again from RetryMin.
 	RetryMin, RetryMax time.Duration
 	// WaitForDatabase makes Start keep trying, with backoff and until its context is done, while
-	// no usable database answers (no server, a failover in progress, a read-only server, too
-	// many clients), instead of returning the error: what a service under an orchestrator wants
-	// (lanes serve sets it). Permanent errors (a refused password, a failed migration) are
-	// returned at once either way. Default: false.
+	// no usable database answers (no server, a server starting up, a failover in progress, a
+	// read-only server, too many clients, a server too slow to answer the listener's connect
+	// within Notifier.ConnectTimeout), instead of returning the error: what a service under an
+	// orchestrator wants (lanes serve sets it). Permanent errors (a refused password, a failed
+	// migration) are returned at once either way. Default: false.
 	WaitForDatabase bool
 	// KeepListening keeps the listener's connection open once every lane is done. By default a
 	// replica whose lanes are all done (or ahead) closes it and holds no connection between
@@ -266,7 +267,7 @@ func (r *Runtime) Start(ctx context.Context) error {
 // start is Start's work on sctx, which Close cancels; ctx is the caller's, whose values the
 // background goroutine keeps.
 func (r *Runtime) start(sctx, ctx context.Context) error {
-	if err := r.untilUsable(sctx, func(ctx context.Context) error { return r.lis().Start(ctx) }); err != nil {
+	if err := r.untilUsable(sctx, func(ctx context.Context) error { return attemptTimedOut(ctx, r.lis().Start(ctx)) }); err != nil {
 		return fmt.Errorf("app: %w", err)
 	}
 	for _, l := range r.lanes {
@@ -314,9 +315,10 @@ func (r *Runtime) start(sctx, ctx context.Context) error {
 
 // untilUsable runs f once, or, with Config.WaitForDatabase, until it succeeds, fails with an
 // error no retry mends, or ctx is done: while no usable database answers (a transient error such
-// as a refused or lost connection, 57P01, 57P03 or 53300, or a read-only server, 25006) it tries
-// again with capped exponential backoff (100 ms to 5 s), saying so once per kind of failure and
-// once when the database answers again.
+// as a refused or lost connection, 57P01, 57P03 or 53300, a read-only server, 25006, or a
+// listener start that ran out of its own time, timedOutError) it tries again with capped
+// exponential backoff (100 ms to 5 s), saying so once per kind of failure and once when the
+// database answers again.
 func (r *Runtime) untilUsable(ctx context.Context, f func(context.Context) error) error {
 	seen := map[string]bool{}
 	var since time.Time
@@ -331,15 +333,19 @@ func (r *Runtime) untilUsable(ctx context.Context, f func(context.Context) error
 		}
 		var pgErr *pgconn.PgError
 		readOnly := errors.As(err, &pgErr) && pgErr.Code == "25006"
-		if !r.cfg.WaitForDatabase || ctx.Err() != nil || !(migrator.IsTransient(err) || readOnly) {
+		var slow *timedOutError
+		if !r.cfg.WaitForDatabase || ctx.Err() != nil || !(migrator.IsTransient(err) || readOnly || errors.As(err, &slow)) {
 			return err
 		}
 		if since.IsZero() {
 			since = time.Now()
 		}
 		kind := "connection"
-		if pgErr != nil {
+		switch {
+		case pgErr != nil:
 			kind = pgErr.Code
+		case slow != nil:
+			kind = "timeout"
 		}
 		if !seen[kind] {
 			seen[kind] = true
@@ -350,6 +356,23 @@ func (r *Runtime) untilUsable(ctx context.Context, f func(context.Context) error
 			return err
 		}
 	}
+}
+
+// timedOutError is an attempt that ran out of its own time while its caller's context was live:
+// the listener's start (connect, LISTEN and probe within Notifier.ConnectTimeout) at a server, or on
+// a machine, too loaded to answer in time. untilUsable tries it again like a refused connection.
+type timedOutError struct{ err error }
+
+func (e *timedOutError) Error() string { return e.err.Error() }
+func (e *timedOutError) Unwrap() error { return e.err }
+
+// attemptTimedOut marks err as a timedOutError when it is a deadline of the attempt's own and
+// ctx, the caller's, is not done.
+func attemptTimedOut(ctx context.Context, err error) error {
+	if err != nil && ctx.Err() == nil && (errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err)) {
+		return &timedOutError{err: err}
+	}
+	return err
 }
 
 func (r *Runtime) isClosed() bool {

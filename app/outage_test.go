@@ -14,10 +14,13 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/app"
+	"github.com/multilanes/lanes/internal/faultproxy"
 	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgcluster"
+	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
+	"github.com/multilanes/lanes/notifier"
 )
 
 // startCluster starts a throwaway cluster, stopped at cleanup; it skips the test only when the
@@ -194,3 +197,60 @@ func TestReadOnlyServerIsReportedAndTheLaneAppliedOnPromotion(t *testing.T) {
 var sqlSlowLane = migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
 	"001_t.sql": testkit.File("create table slow_t (i int);"),
 }}
+
+// TestStartWaitsThroughASlowServer: with WaitForDatabase, a listener start that runs out of its
+// own time (Notifier.ConnectTimeout bounds its connect, LISTEN and probe: a server, or a machine,
+// too loaded to answer in time) is tried again like a refused connection, and Start returns once
+// the server answers. Here the server is silent behind a proxy that forwards nothing, then
+// answers. On the old code Start returned the deadline error at once, and `lanes serve` exited
+// at start-up under heavy load (a thousand replicas starting at load 40-70 failed with "notifier:
+// probe: timeout: context deadline exceeded").
+func TestStartWaitsThroughASlowServer(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	proxy, err := faultproxy.New(pgtest.ProxyTarget(e.t, e.url))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer proxy.Close()
+	proxy.SetBlackhole(true)
+	cc := e.cc.Copy()
+	cc.Host, cc.Port, cc.TLSConfig, cc.Fallbacks = "127.0.0.1", uint16(proxy.Addr().Port), nil, nil
+	m, err := migrator.New(cc, []migrator.Lane{fastLane}, migrator.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs logbuf.Buffer
+	r, err := app.New(m, app.Config{Logger: zerolog.New(&logs), WaitForDatabase: true, Notifier: notifier.Config{ConnectTimeout: time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute) // a hang guard
+	defer cancel()
+	started := make(chan error, 1)
+	go func() { started <- r.Start(ctx) }()
+	testkit.Eventually(t, "Start to say it waits for a usable database", time.Minute, func() bool {
+		select {
+		case err := <-started:
+			t.Fatalf("Start returned while the server was silent: %v", err)
+		default:
+		}
+		return strings.Contains(logs.String(), "no usable database yet")
+	})
+	if r.Ready() {
+		t.Fatal("ready while the server is silent")
+	}
+	proxy.SetBlackhole(false)
+	select {
+	case err := <-started:
+		if err != nil {
+			t.Fatalf("Start once the server answers: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("Start did not return once the server answered")
+	}
+	if !r.Ready() || !r.IsDone("fast") {
+		t.Fatalf("after Start: ready %v, fast done %v", r.Ready(), r.IsDone("fast"))
+	}
+}
