@@ -158,7 +158,8 @@ type Stats struct {
 	Polls         int // handler calls made because LISTEN was unavailable
 }
 
-// New returns a Listener; it does not connect. connConfig is copied.
+// New returns a Listener; it does not connect. connConfig is copied, with its statement caches
+// bounded to 64 statements each.
 func New(connConfig *pgx.ConnConfig, cfg Config, handler Handler) (*Listener, error) {
 	if connConfig == nil {
 		return nil, errors.New("notifier: nil connection config")
@@ -173,8 +174,18 @@ func New(connConfig *pgx.ConnConfig, cfg Config, handler Handler) (*Listener, er
 	if cfg.ReconnectMax < cfg.ReconnectMin {
 		cfg.ReconnectMax = cfg.ReconnectMin
 	}
-	return &Listener{connConfig: connConfig.Copy(), cfg: cfg, handler: handler, log: cfg.Logger, mode: DeliveryConnecting}, nil
+	cc := connConfig.Copy()
+	// pgx sizes each connection's two statement caches for 512 statements up front (about 55 KiB
+	// a connection), where a listener's connection runs a few dozen distinct statements at most:
+	// with a fleet of replicas in one process that was half of each replica's heap.
+	cc.StatementCacheCapacity = min(cc.StatementCacheCapacity, listenerCacheCapacity)
+	cc.DescriptionCacheCapacity = min(cc.DescriptionCacheCapacity, listenerCacheCapacity)
+	return &Listener{connConfig: cc, cfg: cfg, handler: handler, log: cfg.Logger, mode: DeliveryConnecting}, nil
 }
+
+// listenerCacheCapacity bounds the statement caches of a Listener's connection: the handler's
+// reads and the checks are a few statements per lane; one evicted is only prepared again.
+const listenerCacheCapacity = 64
 
 // Start connects, LISTENs and runs the handler once, synchronously, so a configuration error
 // fails fast; then it runs the listener in a goroutine until Stop. A LISTEN that is unavailable
