@@ -118,6 +118,7 @@ func signalOnce(b *testing.B, ctx context.Context, admin *pgx.Conn, design strin
 	time.Sleep(time.Second) // let the start-up queries end
 	var res signalResult
 	res.heapKiB = (float64(liveHeap()) - float64(heap0)) / float64(n) / 1024
+	writeHeapProfile(b, design, n)
 	if res.conns, err = connsOf(ctx, admin, db); err != nil {
 		b.Fatal(err)
 	}
@@ -131,6 +132,7 @@ func signalOnce(b *testing.B, ctx context.Context, admin *pgx.Conn, design strin
 		}
 		before = stmtStats{}
 	}
+	stopProfile := startCPUProfile(b, design, n)
 	if err := d.finish(); err != nil {
 		b.Fatal(err)
 	}
@@ -142,6 +144,7 @@ func signalOnce(b *testing.B, ctx context.Context, admin *pgx.Conn, design strin
 		}
 		return true, nil
 	})
+	stopProfile()
 	if err != nil {
 		b.Fatalf("%s, %d replicas: %v", design, n, err)
 	}

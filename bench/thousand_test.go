@@ -3,7 +3,9 @@ package bench
 import (
 	"context"
 	"fmt"
+	"os"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"testing"
 	"time"
@@ -59,4 +61,49 @@ func liveHeap() uint64 {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	return m.HeapAlloc
+}
+
+func init() {
+	if os.Getenv("LANES_BENCH_HEAPPROFILE") != "" {
+		runtime.MemProfileRate = 256 // every allocation's site, near enough, not one in 512 KiB
+	}
+}
+
+// writeHeapProfile writes the live heap, just measured for a group of n replicas of design, to
+// $LANES_BENCH_HEAPPROFILE.design-n.pprof when that variable is set: what each replica keeps
+// (go tool pprof -sample_index=inuse_space).
+func writeHeapProfile(b *testing.B, design string, n int) {
+	prefix := os.Getenv("LANES_BENCH_HEAPPROFILE")
+	if prefix == "" {
+		return
+	}
+	f, err := os.Create(fmt.Sprintf("%s.%s-%d.pprof", prefix, design, n))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	if err := pprof.Lookup("heap").WriteTo(f, 0); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// startCPUProfile profiles the process from the release of the lane to the last replica
+// knowing, into $LANES_BENCH_CPUPROFILE.design-n.pprof when that variable is set (one file per
+// group: the last run's). It returns the function that stops it.
+func startCPUProfile(b *testing.B, design string, n int) func() {
+	prefix := os.Getenv("LANES_BENCH_CPUPROFILE")
+	if prefix == "" {
+		return func() {}
+	}
+	f, err := os.Create(fmt.Sprintf("%s.%s-%d.pprof", prefix, design, n))
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		b.Fatal(err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		_ = f.Close()
+	}
 }
