@@ -32,6 +32,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -80,9 +81,10 @@ func TestImageAndPodLifecycle(t *testing.T) {
 	t.Logf("builder image %s ready after %s", goImage, time.Since(began).Round(time.Second))
 	began = time.Now()
 	image := "lanes-test:" + id
-	d.must(t, 60*time.Minute, "build", "--build-arg", "GO_IMAGE="+goImage,
+	out := d.must(t, 60*time.Minute, "build", "--build-arg", "GO_IMAGE="+goImage,
 		"--build-arg", "RUNTIME_IMAGE="+envOr("LANES_TEST_RUNTIME_IMAGE", "scratch"),
 		"-t", image, "-f", filepath.Join(repo, "Dockerfile"), repo)
+	t.Cleanup(func() { d.removeIntermediates(out) })
 	t.Cleanup(func() { d.quiet("rmi", "-f", image) })
 	t.Logf("docker build of the Dockerfile took %s", time.Since(began).Round(time.Second))
 
@@ -305,6 +307,20 @@ func (d docker) must(t *testing.T, timeout time.Duration, args ...string) string
 		t.Fatalf("docker %s: %v\n%s", strings.Join(args, " "), err, tail(out, 3000))
 	}
 	return out
+}
+
+// stepImage is a step's image in the classic builder's output.
+var stepImage = regexp.MustCompile(`(?m)^ ---> ([0-9a-f]{12})$`)
+
+// removeIntermediates removes the untagged images a build's steps left (the builder stage,
+// over a gigabyte each time), newest first, sparing the tagged base images.
+func (d docker) removeIntermediates(buildOutput string) {
+	ids := stepImage.FindAllStringSubmatch(buildOutput, -1)
+	for i := len(ids) - 1; i >= 0; i-- {
+		if tags, err := d.run(time.Minute, "image", "inspect", "-f", "{{len .RepoTags}}", ids[i][1]); err == nil && strings.TrimSpace(tags) == "0" {
+			d.quiet("rmi", ids[i][1])
+		}
+	}
 }
 
 // quiet runs a cleanup command whose failure does not matter.
