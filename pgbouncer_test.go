@@ -41,28 +41,18 @@ func pgbouncerBinary(t *testing.T) string {
 	return ""
 }
 
-// pgbouncerPorts hands out the ports the PgBouncer tests listen on (pgbouncer cannot listen on
-// port 0 and say which port it got): 6432-6439, each checked free first.
-var pgbouncerPorts struct {
-	mu   sync.Mutex
-	next int
-}
-
-func pgbouncerAddr(t *testing.T) string {
+// freeLocalPort returns a TCP port on 127.0.0.1 that was free a moment ago. pgbouncer cannot
+// listen on port 0 and say which port it got, so another process (the suite of another
+// PostgreSQL version running beside this one) may take the port first: startPgBouncer then
+// sees its pgbouncer exit and tries another.
+func freeLocalPort(t *testing.T) string {
 	t.Helper()
-	pgbouncerPorts.mu.Lock()
-	defer pgbouncerPorts.mu.Unlock()
-	for range 8 {
-		port := 6432 + pgbouncerPorts.next%8
-		pgbouncerPorts.next++
-		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-		if ln, err := net.Listen("tcp", addr); err == nil {
-			ln.Close()
-			return addr
-		}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatal("no free port in 6432-6439 for pgbouncer")
-	return ""
+	defer ln.Close()
+	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
 }
 
 // startPgBouncer starts a PgBouncer in front of the server of dbURL, with Debian's default
@@ -80,13 +70,18 @@ func startPgBouncer(t *testing.T, dbURL, poolMode string) string {
 	if err := os.Chmod(dir, 0o755); err != nil { // pgbouncer drops root for the postgres user
 		t.Fatal(err)
 	}
-	addr := pgbouncerAddr(t)
-	_, port, _ := net.SplitHostPort(addr)
 	host := cfg.Host
 	if strings.HasPrefix(host, "/") {
 		host = strings.TrimSuffix(host, "/")
 	}
-	ini := fmt.Sprintf(`[databases]
+	if err := os.WriteFile(filepath.Join(dir, "userlist.txt"), fmt.Appendf(nil, "%q \"\"\n", cfg.User), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var addr string
+	for attempt := 1; ; attempt++ {
+		port := freeLocalPort(t)
+		addr = net.JoinHostPort("127.0.0.1", port)
+		ini := fmt.Sprintf(`[databases]
 * = host=%s port=%d
 
 [pgbouncer]
@@ -97,14 +92,26 @@ auth_type = trust
 auth_file = %s
 pool_mode = %s
 `, host, cfg.Port, port, filepath.Join(dir, "userlist.txt"), poolMode)
-	for name, content := range map[string]string{
-		"pgbouncer.ini": ini,
-		"userlist.txt":  fmt.Sprintf("%q \"\"\n", cfg.User),
-	} {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, "pgbouncer.ini"), []byte(ini), 0o644); err != nil {
 			t.Fatal(err)
 		}
+		if listening, log := runPgBouncer(t, bin, dir, addr, poolMode); listening {
+			break
+		} else if attempt == 5 {
+			t.Fatalf("pgbouncer exited at start 5 times; the last log:\n%s", log)
+		} else {
+			t.Logf("pgbouncer exited at start (port %s taken by another process?); trying another port:\n%s", port, log)
+		}
 	}
+	u := url.URL{Scheme: "postgres", User: url.User(cfg.User), Host: addr, Path: "/" + cfg.Database, RawQuery: "sslmode=disable"}
+	return u.String()
+}
+
+// runPgBouncer runs pgbouncer with dir's pgbouncer.ini until the end of the test and waits
+// until it listens on addr. It returns false, with its log, when it exited first (its port
+// was taken).
+func runPgBouncer(t *testing.T, bin, dir, addr, poolMode string) (bool, string) {
+	t.Helper()
 	args := []string{filepath.Join(dir, "pgbouncer.ini")}
 	if os.Geteuid() == 0 { // pgbouncer refuses to run as root
 		u := "postgres"
@@ -119,24 +126,31 @@ pool_mode = %s
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
 	t.Cleanup(func() {
 		cmd.Process.Kill()
-		<-done
+		<-exited
 		if t.Failed() {
-			t.Logf("pgbouncer (%s mode) log:\n%s", poolMode, log.String())
+			t.Logf("pgbouncer (%s mode, %s) log:\n%s", poolMode, addr, log.String())
 		}
 	})
-	testkit.Eventually(t, "pgbouncer listens on "+addr, 10*time.Second, func() bool {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			c.Close()
+	gone := func() bool {
+		select {
+		case <-exited:
+			return true
+		default:
+			return false
 		}
-		return err == nil
+	}
+	// Its own log says that it listens (a dial could reach another process's pgbouncer on a
+	// port taken before ours bound it); it exits when it could not bind.
+	var listening bool
+	testkit.Eventually(t, "pgbouncer listens on "+addr+" or exits", time.Minute, func() bool {
+		listening = strings.Contains(log.String(), "listening on "+addr)
+		return listening || gone()
 	})
-	u := url.URL{Scheme: "postgres", User: url.User(cfg.User), Host: addr, Path: "/" + cfg.Database, RawQuery: "sslmode=disable"}
-	return u.String()
+	return listening, log.String()
 }
 
 // viaPgBouncer returns a function that starts a PgBouncer in poolMode in front of a database.
