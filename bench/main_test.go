@@ -22,7 +22,12 @@ import (
 	"github.com/multilanes/lanes/internal/pgtest"
 )
 
-func TestMain(m *testing.M) { pgtest.RunMain(m, stopBigServer) }
+func TestMain(m *testing.M) {
+	if dbURL := os.Getenv("LANES_BENCH_BARE_LISTENER"); dbURL != "" {
+		os.Exit(bareListener(dbURL)) // this binary run again as a bare listener process
+	}
+	pgtest.RunMain(m, stopBigServer)
+}
 
 // quick reports a quick run: -short or LANES_BENCH_QUICK=1.
 func quick() bool { return testing.Short() || os.Getenv("LANES_BENCH_QUICK") == "1" }

@@ -49,7 +49,7 @@ func BenchmarkSignalLatency(b *testing.B) {
 			}
 			defer adminConn.Close(ctx)
 			p50, p99, pmax := map[string][]float64{}, map[string][]float64{}, map[string][]float64{}
-			stmts, execMS, connsPer := map[string][]float64{}, map[string][]float64{}, map[string][]float64{}
+			stmts, execMS, connsPer, heap := map[string][]float64{}, map[string][]float64{}, map[string][]float64{}, map[string][]float64{}
 			vias := map[string]int{}
 			for range size.reps {
 				for _, design := range designs {
@@ -60,6 +60,7 @@ func BenchmarkSignalLatency(b *testing.B) {
 					stmts[design] = append(stmts[design], float64(r.stmts.calls)/float64(size.replicas))
 					execMS[design] = append(execMS[design], r.stmts.execMS)
 					connsPer[design] = append(connsPer[design], float64(r.conns)/float64(size.replicas))
+					heap[design] = append(heap[design], r.heapKiB)
 					biases = append(biases, r.biasMS)
 					for k, v := range r.via {
 						vias[k] += v
@@ -72,7 +73,7 @@ func BenchmarkSignalLatency(b *testing.B) {
 				rows = append(rows, []string{strconv.Itoa(size.replicas), design, strconv.Itoa(size.reps),
 					spread(p50[design], 1), spread(p99[design], 1), spread(pmax[design], 1)})
 				costRows = append(costRows, []string{strconv.Itoa(size.replicas), design,
-					spread(connsPer[design], 2), spread(stmts[design], 2), spread(execMS[design], 1)})
+					spread(connsPer[design], 2), spread(stmts[design], 2), spread(execMS[design], 1), spread(heap[design], 1)})
 			}
 			var vs []string
 			for k, v := range vias {
@@ -84,8 +85,8 @@ func BenchmarkSignalLatency(b *testing.B) {
 	}
 	table("Signal latency: ms from the commit (server commit timestamp) to each replica knowing; per run p50, p99 and max over the replicas, then the median over runs (min–max)",
 		[]string{"replicas", "design", "runs", "p50", "p99", "max"}, rows)
-	table("What the signal costs: server connections per replica while waiting; statements (pg_stat_statements) per replica and their total server execution time between the release and the last replica knowing",
-		[]string{"replicas", "design", "connections per replica", "statements per replica", "server exec ms (all)"}, costRows)
+	table("What the signal costs: server connections per replica while waiting; statements (pg_stat_statements) per replica and their total server execution time between the release and the last replica knowing; the client's live heap per replica that starting the group added",
+		[]string{"replicas", "design", "connections per replica", "statements per replica", "server exec ms (all)", "client heap KiB per replica"}, costRows)
 	fmt.Printf("Reference bias: COMMIT returned in the committing session %s ms after the server's commit timestamp (median, min–max over %d runs).\n",
 		spread(biases, 2), len(biases))
 }
