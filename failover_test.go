@@ -7,11 +7,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/multilanes/lanes/internal/pgcluster"
 	"github.com/multilanes/lanes/internal/pgtest"
@@ -202,5 +204,80 @@ func TestServeWaitsForAPrimary(t *testing.T) {
 	testkit.Eventually(t, "the second replica ready once slots are free", time.Minute, full.ready)
 	if code, _ := full.get("/healthz"); code != 200 {
 		t.Errorf("replica %s: /healthz = %d at the end, want 200", full.name, code)
+	}
+}
+
+// TestServeWaitsThroughServerStartup starts a replica while its server refuses connections with
+// 57P03 (cannot connect now): a standby in recovery with hot_standby off answers every
+// connection so, as a server still starting up or recovering does ("the database system is
+// starting up"). The replica keeps trying, answers /healthz with 200 and /readyz with "not
+// ready", and does not exit; once the server accepts connections (promoted) it applies the lanes
+// and is ready.
+func TestServeWaitsThroughServerStartup(t *testing.T) {
+	t.Parallel()
+	primary := startCluster(t, pgcluster.Options{})
+	admin := pgtest.Connect(t, primary.ConnString("postgres"))
+	for _, sql := range []string{"create role app login", "create database appdb owner app"} {
+		if _, err := admin.Exec(t.Context(), sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	admin.Close(context.Background())
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
+	defer cancel()
+	standby, err := primary.StartStandby(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := standby.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	if err := standby.SetParams(map[string]string{"hot_standby": "off"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := standby.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var pgErr *pgconn.PgError
+	if c, err := pgx.Connect(ctx, standby.ConnString("postgres")); !errors.As(err, &pgErr) || pgErr.Code != "57P03" {
+		if c != nil {
+			c.Close(context.Background())
+		}
+		t.Fatalf("connecting to the standby without hot_standby: %v, want 57P03", err)
+	}
+
+	dbURL := strings.Replace(standby.ConnString("appdb"), "postgres@", "app@", 1)
+	dir := testkit.WriteTree(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})
+	r := startReplica(t, "starting", dbURL, dir)
+	testkit.Eventually(t, "the replica says it waits for the server (57P03)", 2*time.Minute, func() bool {
+		return strings.Contains(r.log.String(), "57P03")
+	})
+	if code, _ := r.get("/healthz"); code != 200 {
+		t.Errorf("/healthz = %d while the server refuses connections (57P03), want 200", code)
+	}
+	if r.ready() {
+		t.Fatal("/readyz is ready while the server refuses connections")
+	}
+	select {
+	case err := <-r.done:
+		r.done <- err // for the cleanup
+		t.Fatalf("the replica exited while the server was starting: %v\n%s", err, r.log.String())
+	default:
+	}
+	if err := standby.Promote(ctx); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, "the replica ready once the server accepts connections", 2*time.Minute, r.ready)
+	testkit.Eventually(t, "the slow lane applied", 2*time.Minute, func() bool {
+		k, ok := r.knows("slow")
+		return ok && k.Done
+	})
+	if code, _ := r.get("/healthz"); code != 200 {
+		t.Errorf("/healthz = %d at the end, want 200", code)
+	}
+	if strings.Contains(r.log.String(), `"level":"fatal"`) {
+		t.Errorf("the replica logged a fatal error:\n%s", r.log.String())
 	}
 }

@@ -330,6 +330,39 @@ func (c *Cluster) Restart(ctx context.Context) error {
 	return nil
 }
 
+// SetParams appends settings to the server's postgresql.conf (the last setting of a name wins),
+// to take effect at the next [Cluster.Restart]: hot_standby = off on a standby, for instance,
+// which then refuses every connection with 57P03 until it is promoted.
+func (c *Cluster) SetParams(params map[string]string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.removed {
+		return errors.New("set cluster parameters: cluster was stopped")
+	}
+	names := make([]string, 0, len(params))
+	for name := range params {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	var conf strings.Builder
+	conf.WriteString("\n# pgcluster SetParams\n")
+	for _, name := range names {
+		fmt.Fprintf(&conf, "%s = %s\n", name, quoteConf(params[name]))
+	}
+	f, err := os.OpenFile(filepath.Join(c.dataDir(), "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("set cluster parameters: %w", err)
+	}
+	if _, err := f.WriteString(conf.String()); err != nil {
+		f.Close()
+		return fmt.Errorf("set cluster parameters: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("set cluster parameters: %w", err)
+	}
+	return nil
+}
+
 // Promote ends a standby's recovery (`pg_ctl promote -w`), as a failover to it does, and
 // returns once it takes writes. It fails on a cluster that is not a standby.
 func (c *Cluster) Promote(ctx context.Context) error {
