@@ -157,16 +157,7 @@ func signalOnce(b *testing.B, ctx context.Context, admin *pgx.Conn, design strin
 	if debugStatements() {
 		printStatements(b, ctx, admin, db, fmt.Sprintf("%s, %d replicas, from the release to the last replica knowing", design, n))
 	}
-	var commitTS time.Time
-	conn, err := pgx.ConnectConfig(ctx, cc)
-	if err != nil {
-		b.Fatal(err)
-	}
-	err = conn.QueryRow(ctx, "select pg_xact_commit_timestamp(xmin) from lanes_slow_version").Scan(&commitTS)
-	conn.Close(ctx)
-	if err != nil {
-		b.Fatal(err)
-	}
+	commitTS := slowLaneCommitTime(b, ctx, cc)
 	for _, t := range g.learned() {
 		res.latMS = append(res.latMS, ms(t.Sub(commitTS)))
 	}
@@ -239,4 +230,20 @@ func BenchmarkReread(b *testing.B) {
 	}
 	table(fmt.Sprintf("Re-read after a notification, one replica alone: µs per call over %d calls", calls),
 		[]string{"server", "max_connections", "migrator.Status p50", "p99", "one version table p50", "p99"}, rows)
+}
+
+// slowLaneCommitTime reads when the server committed the slow lane's version (track_commit_timestamp
+// is on in the throwaway cluster): the moment the latencies are measured from.
+func slowLaneCommitTime(b *testing.B, ctx context.Context, cc *pgx.ConnConfig) time.Time {
+	b.Helper()
+	conn, err := pgx.ConnectConfig(ctx, cc)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var t time.Time
+	if err := conn.QueryRow(ctx, "select pg_xact_commit_timestamp(xmin) from lanes_slow_version").Scan(&t); err != nil {
+		b.Fatal(err)
+	}
+	return t
 }

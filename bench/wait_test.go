@@ -167,16 +167,7 @@ func waitProcessesOnce(b *testing.B, ctx context.Context, start func(dbURL strin
 		b.Fatal(err)
 	}
 	wg.Wait()
-	var commitTS time.Time
-	conn, err := pgx.ConnectConfig(ctx, cc)
-	if err != nil {
-		b.Fatal(err)
-	}
-	err = conn.QueryRow(ctx, "select pg_xact_commit_timestamp(xmin) from lanes_slow_version").Scan(&commitTS)
-	conn.Close(ctx)
-	if err != nil {
-		b.Fatal(err)
-	}
+	commitTS := slowLaneCommitTime(b, ctx, cc)
 	var lat []float64
 	for _, p := range procs {
 		if p.err != nil {
