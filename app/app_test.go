@@ -108,6 +108,19 @@ func (e *env) runtimeWith(tune func(*app.Config), lanes ...migrator.Lane) *app.R
 	return r
 }
 
+// proxied returns a copy of the test's connection config that goes through a fault proxy,
+// closed at the end of the test.
+func (e *env) proxied() (*pgx.ConnConfig, *faultproxy.Proxy) {
+	proxy, err := faultproxy.New(pgtest.ProxyTarget(e.t, e.url))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { proxy.Close() })
+	cc := e.cc.Copy()
+	cc.Host, cc.Port, cc.TLSConfig, cc.Fallbacks = "127.0.0.1", uint16(proxy.Addr().Port), nil, nil
+	return cc, proxy
+}
+
 func (e *env) exec(sql string, args ...any) {
 	e.t.Helper()
 	conn, err := pgx.ConnectConfig(context.Background(), e.cc)
@@ -511,14 +524,8 @@ where l.locktype = 'advisory' and l.granted and l.pid <> pg_backend_pid() and l.
 func TestPermanentFailureWhilePollingIsNotRetriedInALoop(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	proxy, err := faultproxy.New(pgtest.ProxyTarget(e.t, e.url))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer proxy.Close()
+	cc, proxy := e.proxied()
 	proxy.SetDeaf(true)
-	cc := e.cc.Copy()
-	cc.Host, cc.Port, cc.TLSConfig, cc.Fallbacks = "127.0.0.1", uint16(proxy.Addr().Port), nil, nil
 	bad := migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fstest.MapFS{
 		"001_ok.sql":  testkit.File("create table ok (i int);"),
 		"002_bad.sql": testkit.File("select * from no_such_table;"),

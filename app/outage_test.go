@@ -14,10 +14,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/multilanes/lanes/app"
-	"github.com/multilanes/lanes/internal/faultproxy"
 	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgcluster"
-	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
@@ -208,14 +206,8 @@ var sqlSlowLane = migrator.Lane{Name: "slow", Mode: migrator.Background, FS: fst
 func TestStartWaitsThroughASlowServer(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	proxy, err := faultproxy.New(pgtest.ProxyTarget(e.t, e.url))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer proxy.Close()
+	cc, proxy := e.proxied()
 	proxy.SetBlackhole(true)
-	cc := e.cc.Copy()
-	cc.Host, cc.Port, cc.TLSConfig, cc.Fallbacks = "127.0.0.1", uint16(proxy.Addr().Port), nil, nil
 	m, err := migrator.New(cc, []migrator.Lane{fastLane}, migrator.Config{})
 	if err != nil {
 		t.Fatal(err)
