@@ -205,13 +205,16 @@ func (l *laneLock) releaseLease(ctx context.Context, conn *pgx.Conn) error {
 // renewer keeps a lease alive, a timed lease or a session lease's heartbeat: every third of
 // its term (LeaseTTL, SilenceBound) it extends the lease on a connection of its own (the
 // applying connection is busy running the migration), and calls lost once when the lease no
-// longer has its epoch or could not be renewed before it expired. stop ends it and waits.
+// longer has its epoch or could not be renewed before it expired. A session lease's renewer
+// also watches the applier's own connection: when that connection stalled (see endIfStalled)
+// while this one flows, it ends the lane's session and calls lost. stop ends it and waits.
 type renewer struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 }
 
 func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
+	wire := watched(l.conn)
 	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	r := &renewer{cancel: cancel}
 	r.wg.Go(func() {
@@ -225,6 +228,10 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 		}()
 		ttl := l.term(!l.timed)
 		deadline := time.Now().Add(ttl)
+		var applying *watchedConn // the applier's connection, watched for a stall (session leases)
+		if !l.timed {
+			applying = wire
+		}
 		t := time.NewTicker(ttl / 3)
 		defer t.Stop()
 		for {
@@ -233,6 +240,7 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 				return
 			case <-t.C:
 			}
+			stalled := false
 			ok, err := func() (bool, error) {
 				rctx, cancel := context.WithTimeout(ctx, ttl/3)
 				defer cancel()
@@ -242,6 +250,15 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 						return false, err
 					}
 					conn = c
+				}
+				if applying != nil {
+					if waited := applying.awaiting(); waited >= ttl {
+						ended, err := l.endIfStalled(rctx, conn, waited, ttl)
+						if err != nil || ended {
+							stalled = ended
+							return false, err
+						}
+					}
 				}
 				began := time.Now()
 				// A lease extended by a fence within the last third of its term (a backfill's
@@ -265,6 +282,9 @@ select extract(epoch from coalesce((select expires_at from renewed), (select exp
 			}()
 			switch {
 			case ctx.Err() != nil:
+				return
+			case stalled:
+				lost() // endIfStalled said why
 				return
 			case err == nil && !ok:
 				l.m.cfg.Logger.Warn().Str("lane", l.lane).Int64("epoch", l.epoch).Msg("lane lease taken over by another session: stopping this run")

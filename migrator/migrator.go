@@ -93,7 +93,11 @@ type Config struct {
 	// with a timed lease. It is what ends an applier cut off behind a middlebox that keeps
 	// both sockets open (no TCP keepalive nor client_connection_check_interval notices that);
 	// a healthy applier's long statement is never ended, its heartbeat being renewed
-	// meanwhile. Default: 10s.
+	// meanwhile. When only the applying connection goes silent while the heartbeat's still
+	// flows (a middlebox that lost one connection's state), the renewer sees it: the client
+	// has waited for an answer, and the server's session has sat idle, both for longer than
+	// SilenceBound; it then ends that session itself (the lane is free at once for another
+	// replica) and stops the run. Default: 10s.
 	SilenceBound time.Duration
 }
 
@@ -560,6 +564,7 @@ func (m *Migrator) connect(ctx context.Context) (*pgx.Conn, error) {
 // connectWith opens a connection with cfg as connect does; pooled: never send a cancel request.
 func (m *Migrator) connectWith(ctx context.Context, cfg *pgx.ConnConfig, pooled bool) (*pgx.Conn, error) {
 	cfg = cfg.Copy()
+	watchConnections(cfg)
 	cfg.BuildContextWatcherHandler = func(pgConn *pgconn.PgConn) ctxwatch.Handler { return session.NewCancelHandler(pgConn, pooled) }
 	if m.cfg.BeforeConnect != nil {
 		if err := m.cfg.BeforeConnect(ctx, cfg); err != nil {

@@ -3,6 +3,8 @@ package migrator
 import (
 	"context"
 	"errors"
+	"io"
+	"net"
 	"testing"
 	"time"
 
@@ -99,5 +101,60 @@ values ($1, 'x', 'the holder', $2, 7, clock_timestamp() - interval '1 s', clock_
 			t.Fatalf("the silent holder's session still answers: %v", err)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestWatchedConnAwaiting: a client that sent something and read nothing since is waiting for
+// an answer, for as long as since the send; an answer read, even while the send was still
+// under way, ends the wait.
+func TestWatchedConnAwaiting(t *testing.T) {
+	client, server := net.Pipe()
+	defer client.Close()
+	defer server.Close()
+	w := &watchedConn{Conn: client}
+	if d := w.awaiting(); d != 0 {
+		t.Fatalf("a connection that sent nothing waits %s", d)
+	}
+	go func() {
+		buf := make([]byte, 4)
+		_, _ = io.ReadFull(server, buf)
+	}()
+	if _, err := w.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if d := w.awaiting(); d < 20*time.Millisecond {
+		t.Fatalf("waits %s after a send 20 ms ago with no answer", d)
+	}
+	go func() { _, _ = server.Write([]byte("pong")) }()
+	if _, err := io.ReadFull(w, make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+	if d := w.awaiting(); d != 0 {
+		t.Fatalf("waits %s after the answer was read", d)
+	}
+	// An answer that arrives while a send is still being written (pgconn reads in the
+	// background during a long write) ends the wait too.
+	before := w.wrote.Load()
+	sent := make(chan error, 1)
+	go func() { _, err := w.Write([]byte("slow")); sent <- err }() // blocks until server reads
+	for deadline := time.Now().Add(10 * time.Second); w.wrote.Load() == before; {
+		if time.Now().After(deadline) {
+			t.Fatal("the send did not begin")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	go func() { _, _ = server.Write([]byte("early")) }()
+	if _, err := io.ReadFull(w, make([]byte, 5)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(server, make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	if d := w.awaiting(); d != 0 {
+		t.Fatalf("waits %s although the answer came during the send", d)
 	}
 }

@@ -178,3 +178,90 @@ func TestHealthyLongStatementIsNotEnded(t *testing.T) {
 	}
 	t.Logf("the lane was seen held %d times while its 4 s statement ran (bound %s)", checks, silenceBound)
 }
+
+// TestStalledLaneConnectionIsEndedByItsRenewer: only the applier's own connection goes silent
+// (the proxy holds the bytes of the connection that sent the migration's marked statement; the
+// heartbeat's connection, through the same proxy, flows), so the heartbeat stays fresh and no
+// other replica would ever see a silent holder. The applier's renewer finds its connection
+// waiting for an answer while the server's session sits idle in transaction, ends that session
+// and stops the run; a waiting replica then takes the lane and applies it. The migration's
+// work is committed once, by the taker; the stalled applier's Migrate waits for the lane again
+// and finds it done, having applied nothing.
+func TestStalledLaneConnectionIsEndedByItsRenewer(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	proxy, err := faultproxy.New(pgtest.ProxyTarget(t, cc.ConnString()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proxy.Close() })
+	proxied, err := pgx.ParseConfig(pgtest.ThroughProxy(t, cc.ConnString(), proxy.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, "create table runs (app text not null)"); err != nil {
+		t.Fatal(err)
+	}
+	const marker = "create table work /* the stalled statement */ (i int)"
+	proxy.SetMarker(marker)
+	proxy.SetSilenceMarked(true)
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background,
+		Funcs: []migrator.GoMigration{{Version: 1, Name: "work", Up: func(ctx context.Context, tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, "insert into runs values (current_setting('application_name'))"); err != nil {
+				return err
+			}
+			_, err := tx.Exec(ctx, marker)
+			return err
+		}}}}
+	newM := func(cc *pgx.ConnConfig, app string, logs *logbuf.Buffer) *migrator.Migrator {
+		cc = cc.Copy()
+		cc.RuntimeParams["application_name"] = app
+		m, err := migrator.New(cc, []migrator.Lane{lane}, migrator.Config{LockPollInterval: 20 * time.Millisecond, SilenceBound: silenceBound,
+			Logger: zerolog.New(logs)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	var oldLogs, newLogs logbuf.Buffer
+	old := newM(proxied, "old", &oldLogs)
+	type result struct {
+		res migrator.Result
+		err error
+	}
+	oldDone := make(chan result, 1)
+	go func() { r, err := old.Migrate(ctx, "slow"); oldDone <- result{r, err} }()
+	testkit.Eventually(t, "the applier's marked statement held by the proxy", time.Minute, func() bool {
+		return pgtest.Scalar[bool](t, conn, "select exists (select 1 from pg_stat_activity where application_name = 'old' and state = 'idle in transaction' and query like 'insert into runs%')")
+	})
+	stalled := time.Now()
+
+	// The taker waits for the lane; on the old code it never got it (the heartbeat stayed
+	// fresh): the guard below fails it.
+	tctx, cancel := context.WithTimeout(ctx, 30*silenceBound)
+	defer cancel()
+	res, err := newM(cc, "taker", &newLogs).Migrate(tctx, "slow")
+	if err != nil || res.Applied != 1 {
+		t.Fatalf("the waiting replica: %+v, %v; want the migration applied (the stalled applier's log:\n%s)", res, err, oldLogs.String())
+	}
+	t.Logf("taken over %s after the applier's connection stalled (bound %s)", time.Since(stalled).Round(time.Millisecond), silenceBound)
+	if !strings.Contains(oldLogs.String(), "connection applying the lane went silent") {
+		t.Errorf("the stalled applier's log does not say it ended its session:\n%s\nthe taker's:\n%s", oldLogs.String(), newLogs.String())
+	}
+	select {
+	case r := <-oldDone:
+		if r.err != nil || r.res.Applied != 0 || r.res.To != 1 {
+			t.Errorf("the stalled applier: %+v, %v; want the lane found done at 1, nothing applied", r.res, r.err)
+		}
+	case <-ctx.Done():
+		t.Fatal("the stalled applier's Migrate did not return")
+	}
+	proxy.SetSilenceMarked(false)
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from lanes_history where lane = 'slow' and error is null"); n != 1 {
+		t.Errorf("%d history rows, want 1", n)
+	}
+	if runs := pgtest.Scalar[string](t, conn, "select coalesce(string_agg(app, ','), '') from runs"); runs != "taker" {
+		t.Errorf("runs committed by %q, want taker only", runs)
+	}
+}

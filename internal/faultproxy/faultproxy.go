@@ -2,8 +2,9 @@
 // PostgreSQL on purpose: it can cut every connection, silently stop forwarding (a half-open
 // connection, as after a network partition), or drop the NotificationResponse messages the
 // server sends (a LISTEN that is accepted but never delivers, as behind a pooler in
-// transaction mode). Clients must connect with sslmode=disable so the proxy can read the
-// protocol.
+// transaction mode). It can also silence some connections only: those whose client sent a
+// marked text (a middlebox that lost one connection's state while the others flow). Clients
+// must connect with sslmode=disable so the proxy can read the protocol.
 package faultproxy
 
 import (
@@ -26,6 +27,9 @@ type Proxy struct {
 
 	blackhole atomic.Bool
 	deaf      atomic.Bool
+
+	marker       atomic.Pointer[string]
+	silentMarked atomic.Bool
 
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{}
@@ -51,6 +55,14 @@ func (p *Proxy) Addr() *net.TCPAddr { return p.ln.Addr().(*net.TCPAddr) }
 // SetBlackhole stops (true) or resumes (false) forwarding bytes in both directions without
 // closing anything: connections become half-open. New connections are accepted but hang.
 func (p *Proxy) SetBlackhole(on bool) { p.blackhole.Store(on) }
+
+// SetMarker makes the proxy mark each connection whose client sends marker (from now on; an
+// empty marker marks none): see SetSilenceMarked. Set it before the client sends the text.
+func (p *Proxy) SetMarker(marker string) { p.marker.Store(&marker) }
+
+// SetSilenceMarked stops (true) or resumes (false) forwarding bytes in both directions on the
+// marked connections only (see SetMarker), without closing anything; the others go on.
+func (p *Proxy) SetSilenceMarked(on bool) { p.silentMarked.Store(on) }
 
 // SetDeaf drops (true) or forwards (false) the server's NotificationResponse messages.
 func (p *Proxy) SetDeaf(on bool) { p.deaf.Store(on) }
@@ -113,24 +125,38 @@ func (p *Proxy) accept() {
 			server.Close()
 			return
 		}
+		l := &link{}
 		p.wg.Add(2)
 		go func() {
 			defer p.wg.Done()
-			p.pipe(server, client, false)
+			p.pipe(l, server, client, false)
 		}()
 		go func() {
 			defer p.wg.Done()
-			p.pipe(client, server, true)
+			p.pipe(l, client, server, true)
 		}()
 	}
 }
 
+// link is what the two pipes of one proxied connection share.
+type link struct {
+	marked atomic.Bool // the client sent the marker (see SetMarker)
+}
+
+// silenced reports whether bytes of l must be held now.
+func (p *Proxy) silenced(l *link) bool {
+	return p.blackhole.Load() || (l.marked.Load() && p.silentMarked.Load())
+}
+
 // pipe copies src to dst until either fails, then closes both. fromServer pipes parse the
-// protocol's messages (type byte, int32 length) so that notifications can be dropped.
-func (p *Proxy) pipe(dst, src net.Conn, fromServer bool) {
+// protocol's messages (type byte, int32 length) so that notifications can be dropped; the
+// client's pipe looks for the marker, keeping the end of the previous read so that a marker
+// split between two reads is found.
+func (p *Proxy) pipe(l *link, dst, src net.Conn, fromServer bool) {
 	defer p.untrack(dst)
 	defer p.untrack(src)
 	buf := make([]byte, 32*1024)
+	var tail []byte
 	for {
 		var msg []byte
 		if fromServer {
@@ -156,8 +182,15 @@ func (p *Proxy) pipe(dst, src net.Conn, fromServer bool) {
 				return
 			}
 			msg = buf[:n]
+			if m := p.marker.Load(); m != nil && *m != "" && !l.marked.Load() {
+				seen := append(tail, msg...)
+				if strings.Contains(string(seen), *m) {
+					l.marked.Store(true)
+				}
+				tail = append(tail[:0], seen[max(0, len(seen)-len(*m)+1):]...)
+			}
 		}
-		for p.blackhole.Load() {
+		for p.silenced(l) {
 			// Hold the bytes: a partitioned network neither delivers nor resets.
 			if err := waitUnblocked(p); err != nil {
 				return
