@@ -271,11 +271,9 @@ func takeoverAfterSigkillEnv(t *testing.T, through func(t *testing.T, dbURL stri
 		if freed == 0 && (!ok || cur.pid != h.pid) {
 			freed = time.Since(killed)
 		}
-		if ok && cur.pid != h.pid {
-			taker, took = cur, time.Since(killed)
-			return true
-		}
-		return false
+		var found bool
+		taker, took, found = takenOver(t, conn, key, h, killed)
+		return found
 	})
 	figure(t, "lock_free_after_sigkill", freed, freeBound)
 	if deadCheck {

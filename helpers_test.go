@@ -454,6 +454,30 @@ where l.locktype = 'advisory' and l.granted and l.objsubid = 1
 	return h, true
 }
 
+// takenOver reports whether a session other than old took the lane of key over: it holds the
+// lock now, or it already applied the long migration (version 2 of runsLanes-like folders)
+// and released the lane, between two polls (a taker finishing the rest in about a second does
+// that under load). took is the time from since to the taker seen holding the lock, or to
+// its history row's start of that migration.
+func takenOver(t *testing.T, conn *pgx.Conn, key int64, old holder, since time.Time) (taker holder, took time.Duration, ok bool) {
+	t.Helper()
+	if cur, held := lockHolder(t, conn, key); held && cur.pid != old.pid {
+		return cur, time.Since(since), true
+	}
+	var began time.Time
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	err := conn.QueryRow(ctx, `select application_name, started_at from lanes_history
+where lane = 'slow' and version = 2 and error is null and application_name <> $1 order by id limit 1`, old.app).Scan(&taker.app, &began)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return holder{}, 0, false
+	}
+	if err != nil {
+		t.Fatalf("read the history: %v", err)
+	}
+	return taker, began.Sub(since), true
+}
+
 // hasDeadClientCheck reports whether conn's server has client_connection_check_interval
 // (PostgreSQL 14 and later), which the lanes processes then set.
 func hasDeadClientCheck(t *testing.T, conn *pgx.Conn) bool {

@@ -201,11 +201,9 @@ func silencedMidMigration(t *testing.T, dbURL, proxied string, s silencer) {
 		if ok && cur.pid == h.pid && (len(states) == 0 || states[len(states)-1] != cur.state) {
 			states = append(states, cur.state)
 		}
-		if ok && cur.pid != h.pid {
-			taker, took = cur, time.Since(silenced)
-			return true
-		}
-		return false
+		var found bool
+		taker, took, found = takenOver(t, conn, key, h, silenced)
+		return found
 	})
 	bound := silenceTakeoverBound
 	if s.selfEnded {

@@ -204,7 +204,8 @@ func (l *laneLock) releaseLease(ctx context.Context, conn *pgx.Conn) error {
 
 // renewer keeps a lease alive, a timed lease or a session lease's heartbeat: every third of
 // its term (LeaseTTL, SilenceBound) it extends the lease on a connection of its own (the
-// applying connection is busy running the migration), and calls lost once when the lease no
+// applying connection is busy running the migration), trying again every tenth of the term
+// after a failed attempt, and calls lost once when the lease no
 // longer has its epoch or could not be renewed before it expired. A session lease's renewer
 // also watches the applier's own connection: when that connection stalled (see endIfStalled)
 // while this one flows, it ends the lane's session and calls lost. stop ends it and waits.
@@ -232,14 +233,26 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 		if !l.timed {
 			applying = wire
 		}
-		t := time.NewTicker(ttl / 3)
-		defer t.Stop()
+		// Connect before the first renewal is due, so that a slow connect (a loaded server)
+		// does not spend that renewal's time.
+		func() {
+			cctx, cancel := context.WithTimeout(ctx, ttl/3)
+			defer cancel()
+			if c, err := l.m.connect(cctx); err == nil {
+				conn = c
+			}
+		}()
+		// Renew every third of the term; after a failed attempt, try again after a tenth of
+		// it, until the lease expires: one slow or failed statement does not cost the lane.
+		next := time.NewTimer(ttl / 3)
+		defer next.Stop()
 		for {
 			select {
 			case <-ctx.Done():
 				return
-			case <-t.C:
+			case <-next.C:
 			}
+			next.Reset(ttl / 3)
 			stalled := false
 			ok, err := func() (bool, error) {
 				rctx, cancel := context.WithTimeout(ctx, ttl/3)
@@ -261,14 +274,14 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 					}
 				}
 				began := time.Now()
-				// A lease extended by a fence within the last third of its term (a backfill's
+				// A lease extended by a fence within the last sixth of its term (a backfill's
 				// batches) is left alone: the renewal would only queue behind the batch's row
 				// lock, or make the batch's fence queue behind it (and fail on the batch's
 				// lock_timeout). left is how long the lease still lives; NULL once lost.
 				t := l.m.leaseTable().Quoted()
 				var left *float64
 				err := conn.QueryRow(rctx, `with renewed as (update `+t+` set expires_at = clock_timestamp() + $3::int8 * interval '1 millisecond'
-  where key = $1 and epoch = $2 and expires_at < clock_timestamp() + $3::int8 * interval '1 millisecond' * 2 / 3
+  where key = $1 and epoch = $2 and expires_at < clock_timestamp() + $3::int8 * interval '1 millisecond' * 5 / 6
   returning expires_at)
 select extract(epoch from coalesce((select expires_at from renewed), (select expires_at from `+t+` where key = $1 and epoch = $2)) - clock_timestamp())::float8`,
 					l.keys[0], l.epoch, ttl.Milliseconds()).Scan(&left)
@@ -296,6 +309,7 @@ select extract(epoch from coalesce((select expires_at from renewed), (select exp
 				lost()
 				return
 			case err != nil:
+				next.Reset(ttl / 10)
 				l.m.cfg.Logger.Debug().Err(err).Str("lane", l.lane).Msg("renew lane lease")
 				if conn != nil && !isPgError(err) {
 					_ = conn.Close(context.Background())
