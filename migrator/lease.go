@@ -228,13 +228,20 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 			}
 		}()
 		ttl := l.term(!l.timed)
-		deadline := time.Now().Add(ttl)
+		started := time.Now()
+		deadline := started.Add(ttl)
 		var applying *watchedConn // the applier's connection, watched for a stall (session leases)
 		if !l.timed {
 			applying = wire
 		}
 		// Connect before the first renewal is due, so that a slow connect (a loaded server)
-		// does not spend that renewal's time.
+		// does not spend that renewal's time; not at once, so that a short run (most lanes'
+		// runs) opens no second connection.
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(ttl / 10):
+		}
 		func() {
 			cctx, cancel := context.WithTimeout(ctx, ttl/3)
 			defer cancel()
@@ -244,7 +251,7 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 		}()
 		// Renew every third of the term; after a failed attempt, try again after a tenth of
 		// it, until the lease expires: one slow or failed statement does not cost the lane.
-		next := time.NewTimer(ttl / 3)
+		next := time.NewTimer(max(0, ttl/3-time.Since(started)))
 		defer next.Stop()
 		for {
 			select {
