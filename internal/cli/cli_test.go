@@ -378,6 +378,89 @@ func TestWaitLearnsThroughNotify(t *testing.T) {
 	}
 }
 
+// TestWaitTrustsOnlyTheLaneHolder: `lanes wait` believes, without a read, the version announced
+// by the backend that holds the lane's lock (PostgreSQL names the sending backend; no client can
+// forge that), and only that. A well-formed "done" payload sent by another session while the
+// lane runs changes nothing (wait reads the status, finds the lane pending and goes on waiting);
+// the same payload sent by the holder's own session ends the wait at once, although the version
+// table was not touched: it was trusted, not read.
+func TestWaitTrustsOnlyTheLaneHolder(t *testing.T) {
+	t.Parallel()
+	vars := dbVars(t, map[string]string{
+		"fast/001_a.sql": "create table a (i int);",
+		"slow/001_b.sql": "create table b (i int);",
+	})
+	if res := runCLI(t, vars, "migrate", "--lane", "fast"); res.code != ExitOK {
+		t.Fatalf("migrate --lane fast: %v", res)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	holder, err := pgx.Connect(ctx, vars["DATABASE_URL"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close(context.Background())
+	lanes, err := migrator.LanesFromFS(os.DirFS(vars["LANES_MIGRATIONS"]), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := migrator.New(holder.Config(), lanes, migrator.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := m.LockKey(ctx, holder, "slow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := holder.Exec(ctx, "select pg_advisory_lock($1)", key); err != nil {
+		t.Fatal(err)
+	}
+	e, _, stderr := testEnv(vars)
+	done := make(chan int, 1)
+	go func() { done <- run(ctx, []string{"wait", "--lane", "slow", "--timeout", "50s"}, e) }()
+	testkit.Eventually(t, "wait listening", 30*time.Second, func() bool {
+		return strings.Contains(stderr.String(), "waiting for the lane through LISTEN/NOTIFY")
+	})
+	payload := `{"lane":"slow","version":1,"state":"done","file":"001_b.sql"}`
+	spoofer := pgtest.Connect(t, vars["DATABASE_URL"])
+	var sent time.Time
+	if err := spoofer.QueryRow(ctx, "select now() from (select pg_notify('lanes_done', $1)) n", payload).Scan(&sent); err != nil {
+		t.Fatal(err)
+	}
+	// The spoofed payload makes wait read the status (the lane still at 0) and go on: its
+	// listener's session runs a query other than a ping after the spoof was sent. Trusted, it
+	// would run none and exit.
+	testkit.Eventually(t, "wait reads the status after the spoofed payload", 30*time.Second, func() bool {
+		select {
+		case code := <-done:
+			t.Fatalf("wait ended on another session's payload: exit %d\n%s", code, stderr.String())
+		default:
+		}
+		return pgtest.Scalar[bool](t, spoofer, `select exists (select 1 from pg_stat_activity where datname = current_database()
+  and pid not in (pg_backend_pid(), $1) and application_name like 'lanes/%' and query_start > $2 and query not like '-- ping%' and state = 'idle')`,
+			int32(holder.PgConn().PID()), sent)
+	})
+	select {
+	case code := <-done:
+		t.Fatalf("wait ended on another session's payload: exit %d\n%s", code, stderr.String())
+	default:
+	}
+	if _, err := holder.Exec(ctx, "select pg_notify('lanes_done', $1)", payload); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case code := <-done:
+		if code != ExitOK {
+			t.Fatalf("wait: exit %d\n%s", code, stderr.String())
+		}
+	case <-ctx.Done():
+		t.Fatalf("wait did not believe the holder's notification:\n%s", stderr.String())
+	}
+	if !pgtest.Scalar[bool](t, spoofer, "select to_regclass('lanes_slow_version') is null") {
+		t.Fatal("the slow lane's version table exists; the test needs it untouched")
+	}
+}
+
 func TestWaitDoesNotApply(t *testing.T) {
 	t.Parallel()
 	vars := dbVars(t, map[string]string{"fast/001_a.sql": "create table a (i int);", "slow/001_b.sql": "create table b (i int);"})

@@ -80,21 +80,45 @@ func runWait(ctx context.Context, c *command, lane string, version int, timeout 
 	// The handler runs on the listener's goroutine; it keeps only the newest state in updates,
 	// so it never blocks.
 	updates := make(chan migrator.LaneStatus, 1)
+	send := func(st migrator.LaneStatus) {
+		select {
+		case <-updates:
+		default:
+		}
+		updates <- st
+	}
+	// holder is the backend that held the lane's lock at the last read of it (0: none or
+	// unknown). PostgreSQL names the backend that sent a notification and no client can forge
+	// that, so the version that backend announces is what it committed: believed without a
+	// read, as a replica does (see app). Anything else is only a hint to read the status.
+	var holder int32
 	handler := func(ctx context.Context, conn *pgx.Conn, n *pgconn.Notification) error {
+		readHolder := n == nil // (re)connected: read the status and who holds the lane
 		if n != nil {
-			if _, err := wire.Parse(n.Payload); err != nil {
+			ev, err := wire.Parse(n.Payload)
+			switch {
+			case err != nil:
 				return nil // not a lanes event: nothing to re-read
+			case ev.Lane != lane || ev.Progress != nil:
+				return nil // another lane's news, or progress: the lane's version did not move
+			case (ev.State == wire.Applied || ev.State == wire.Done) && holder != 0 && uint32(holder) == n.PID:
+				send(migrator.LaneStatus{Name: lane, Version: ev.Version, Latest: info.Latest, Locked: ev.State == wire.Applied})
+				return nil
+			case ev.State == wire.Released:
+				readHolder = true // another session will take the lane
 			}
 		}
 		st, err := m.Status(ctx, conn)
 		if err != nil {
 			return err
 		}
-		select {
-		case <-updates:
-		default:
+		if lst := st[idx]; lst.Version < want && (readHolder || (lst.Locked && holder == 0)) {
+			holder = 0
+			if hs, err := m.LockHolders(ctx, conn); err == nil {
+				holder = hs[lane].PID
+			}
 		}
-		updates <- st[idx]
+		send(st[idx])
 		return nil
 	}
 	ncfg := tu.notifierConfig()
