@@ -158,10 +158,13 @@ func TestFaultDoneReplicaHoldsNoConnection(t *testing.T) {
 		})
 	}
 	testkit.Eventually(t, "the done replica holds no session", 2*time.Minute, func() bool { return sessions(idle) == 0 })
-	testkit.Eventually(t, "the replica told to keep listening holds its listener", 2*time.Minute, func() bool {
+	testkit.Eventually(t, "the replica told to keep listening says it listens", 2*time.Minute, func() bool {
 		v, ok := keep.view()
-		return ok && v.Listener == "listening" && sessions(keep) == 1
+		return ok && v.Listener == "listening"
 	})
+	// Counted apart from view: each view is a /lanes read on a connection of its own, closed
+	// after it, whose session a loaded server may still list for a moment.
+	testkit.Eventually(t, "the replica told to keep listening holds its listener only", 2*time.Minute, func() bool { return sessions(keep) == 1 })
 	if v, _ := idle.view(); v.Listener != "idle" {
 		t.Errorf("the done replica's listener is %q, want idle", v.Listener)
 	}
