@@ -23,6 +23,39 @@ import (
 // silenceBound is the SilenceBound of the tests below: short, so that they take seconds.
 const silenceBound = time.Second
 
+// silenceSetup returns a fresh database's config and connection, with a table runs (app text)
+// in it, and a fault proxy in front of it with the config through the proxy.
+func silenceSetup(t *testing.T) (cc *pgx.ConnConfig, conn *pgx.Conn, proxied *pgx.ConnConfig, proxy *faultproxy.Proxy) {
+	t.Helper()
+	cc, conn = setup(t)
+	proxy, err := faultproxy.New(pgtest.ProxyTarget(t, cc.ConnString()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proxy.Close() })
+	if proxied, err = pgx.ParseConfig(pgtest.ThroughProxy(t, cc.ConnString(), proxy.Addr())); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctxT(t), "create table runs (app text not null)"); err != nil {
+		t.Fatal(err)
+	}
+	return cc, conn, proxied, proxy
+}
+
+// silenceMigrator returns a Migrator of lane on cc named app (application_name), polling the
+// lane's lock every 20 ms, with the tests' short SilenceBound, logging to logs.
+func silenceMigrator(t *testing.T, cc *pgx.ConnConfig, app string, lane migrator.Lane, logs *logbuf.Buffer) *migrator.Migrator {
+	t.Helper()
+	cc = cc.Copy()
+	cc.RuntimeParams["application_name"] = app
+	m, err := migrator.New(cc, []migrator.Lane{lane}, migrator.Config{LockPollInterval: 20 * time.Millisecond, SilenceBound: silenceBound,
+		Logger: zerolog.New(logs)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
 // TestSilencedApplierIsEndedAndTakenOver: an applier whose path to the server goes silent in the
 // middle of a migration (a proxy that keeps both sockets open and forwards nothing) stops
 // renewing its heartbeat; a replica waiting for the lane (Migrate) ends the silent session once
@@ -30,20 +63,8 @@ const silenceBound = time.Second
 // commits nothing: the migration's work and version are committed once, by the new holder.
 func TestSilencedApplierIsEndedAndTakenOver(t *testing.T) {
 	t.Parallel()
-	cc, conn := setup(t)
+	cc, conn, proxied, proxy := silenceSetup(t)
 	ctx := ctxT(t)
-	proxy, err := faultproxy.New(pgtest.ProxyTarget(t, cc.ConnString()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { proxy.Close() })
-	proxied, err := pgx.ParseConfig(pgtest.ThroughProxy(t, cc.ConnString(), proxy.Addr()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := conn.Exec(ctx, "create table runs (app text not null)"); err != nil {
-		t.Fatal(err)
-	}
 	entered := make(chan struct{}, 2)
 	proceed := make(chan struct{})
 	var once sync.Once
@@ -62,14 +83,7 @@ func TestSilencedApplierIsEndedAndTakenOver(t *testing.T) {
 			return err
 		}}}}
 	newSilent := func(cc *pgx.ConnConfig, app string, logs *logbuf.Buffer) *migrator.Migrator {
-		cc = cc.Copy()
-		cc.RuntimeParams["application_name"] = app
-		m, err := migrator.New(cc, []migrator.Lane{lane}, migrator.Config{LockPollInterval: 20 * time.Millisecond, SilenceBound: silenceBound,
-			Logger: zerolog.New(logs)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return m
+		return silenceMigrator(t, cc, app, lane, logs)
 	}
 	var oldLogs, newLogs logbuf.Buffer
 	old := newSilent(proxied, "old", &oldLogs)
@@ -189,20 +203,8 @@ func TestHealthyLongStatementIsNotEnded(t *testing.T) {
 // and finds it done, having applied nothing.
 func TestStalledLaneConnectionIsEndedByItsRenewer(t *testing.T) {
 	t.Parallel()
-	cc, conn := setup(t)
+	cc, conn, proxied, proxy := silenceSetup(t)
 	ctx := ctxT(t)
-	proxy, err := faultproxy.New(pgtest.ProxyTarget(t, cc.ConnString()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { proxy.Close() })
-	proxied, err := pgx.ParseConfig(pgtest.ThroughProxy(t, cc.ConnString(), proxy.Addr()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := conn.Exec(ctx, "create table runs (app text not null)"); err != nil {
-		t.Fatal(err)
-	}
 	const marker = "create table work /* the stalled statement */ (i int)"
 	proxy.SetMarker(marker)
 	proxy.SetSilenceMarked(true)
@@ -215,14 +217,7 @@ func TestStalledLaneConnectionIsEndedByItsRenewer(t *testing.T) {
 			return err
 		}}}}
 	newM := func(cc *pgx.ConnConfig, app string, logs *logbuf.Buffer) *migrator.Migrator {
-		cc = cc.Copy()
-		cc.RuntimeParams["application_name"] = app
-		m, err := migrator.New(cc, []migrator.Lane{lane}, migrator.Config{LockPollInterval: 20 * time.Millisecond, SilenceBound: silenceBound,
-			Logger: zerolog.New(logs)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return m
+		return silenceMigrator(t, cc, app, lane, logs)
 	}
 	var oldLogs, newLogs logbuf.Buffer
 	old := newM(proxied, "old", &oldLogs)
