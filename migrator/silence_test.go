@@ -264,3 +264,54 @@ func TestStalledLaneConnectionIsEndedByItsRenewer(t *testing.T) {
 		t.Errorf("runs committed by %q, want taker only", runs)
 	}
 }
+
+// TestClientWorkInsideATransactionIsNotEnded: a Go migration that works on the client between
+// two statements of its transaction for several silence bounds leaves its session idle in
+// transaction on the server all that time, but its connection is not waiting for an answer:
+// neither its own renewer (the stall check) nor a waiting replica ends it; it is applied once.
+func TestClientWorkInsideATransactionIsNotEnded(t *testing.T) {
+	t.Parallel()
+	cc, conn := setup(t)
+	ctx := ctxT(t)
+	lane := migrator.Lane{Name: "slow", Mode: migrator.Background,
+		Funcs: []migrator.GoMigration{{Version: 1, Name: "work", Up: func(ctx context.Context, tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, "create table work (i int)"); err != nil {
+				return err
+			}
+			time.Sleep(4 * silenceBound) // the client's own work, the transaction open
+			_, err := tx.Exec(ctx, "insert into work values (1)")
+			return err
+		}}}}
+	var logs logbuf.Buffer
+	type result struct {
+		res migrator.Result
+		err error
+	}
+	results := make(chan result, 2)
+	for _, app := range []string{"applier", "waiter"} {
+		m := silenceMigrator(t, cc, app, lane, &logs)
+		go func() { r, err := m.Migrate(ctx, "slow"); results <- result{r, err} }()
+		if app == "applier" {
+			testkit.Eventually(t, "the applier works with its transaction open", time.Minute, func() bool {
+				return pgtest.Scalar[bool](t, conn, "select exists (select 1 from pg_stat_activity where application_name = 'applier' and state = 'idle in transaction' and query like 'create table work%')")
+			})
+		}
+	}
+	applied := 0
+	for range 2 {
+		r := <-results
+		if r.err != nil {
+			t.Fatalf("a replica: %v\n%s", r.err, logs.String())
+		}
+		applied += r.res.Applied
+	}
+	if applied != 1 {
+		t.Errorf("%d migrations applied in all, want 1", applied)
+	}
+	if strings.Contains(logs.String(), "went silent") || strings.Contains(logs.String(), "ended its session") {
+		t.Errorf("a working applier was taken for a silent one:\n%s", logs.String())
+	}
+	if n := pgtest.Scalar[int](t, conn, "select count(*) from work"); n != 1 {
+		t.Errorf("work has %d rows, want 1", n)
+	}
+}
