@@ -230,6 +230,7 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 		ttl := l.term(!l.timed)
 		started := time.Now()
 		deadline := started.Add(ttl)
+		warnedStall := false
 		var applying *watchedConn // the applier's connection, watched for a stall (session leases)
 		if !l.timed {
 			applying = wire
@@ -271,15 +272,6 @@ func (l *laneLock) startRenewer(ctx context.Context, lost func()) *renewer {
 					}
 					conn = c
 				}
-				if applying != nil {
-					if waited := applying.awaiting(); waited >= ttl {
-						ended, err := l.endIfStalled(rctx, conn, waited, ttl)
-						if err != nil || ended {
-							stalled = ended
-							return false, err
-						}
-					}
-				}
 				began := time.Now()
 				// A lease extended by a fence within the last sixth of its term (a backfill's
 				// batches) is left alone: the renewal would only queue behind the batch's row
@@ -297,6 +289,19 @@ select extract(epoch from coalesce((select expires_at from renewed), (select exp
 				}
 				if left != nil {
 					deadline = began.Add(min(ttl, time.Duration(*left*float64(time.Second))))
+				}
+				if left != nil && applying != nil {
+					// After the renewal, so that a check that fails (a role that may not run
+					// pg_terminate_backend) never costs a healthy applier its heartbeat.
+					if waited := applying.awaiting(); waited >= ttl {
+						ended, err := l.endIfStalled(rctx, conn, waited, ttl)
+						if err != nil && !warnedStall {
+							warnedStall = true
+							l.m.cfg.Logger.Warn().Err(err).Str("lane", l.lane).
+								Msg("cannot check whether the connection applying the lane has stalled (a silent connection would then hold the lane until its session ends)")
+						}
+						stalled = ended
+					}
 				}
 				return left != nil, nil
 			}()
