@@ -394,7 +394,7 @@ create index concurrently big_idx on big (slow_key(i));`,
 		endBound = time.Minute
 	}
 	testkit.Eventually(t, "the killed replica's sessions end", endBound, func() bool {
-		return pgtest.Scalar[int](t, conn, "select count(*) from pg_stat_activity where application_name = $1", h.app) == 0
+		return pgtest.Scalar[int](t, conn, "select count(*) from pg_stat_activity where datname = current_database() and application_name = $1", h.app) == 0
 	})
 	ended := time.Since(killed)
 	var leftValid *bool
@@ -780,7 +780,7 @@ func TestFaultWaitOnHotStandbyFallsBackToPolling(t *testing.T) {
 	sconn := pgtest.Connect(t, standby.ConnString("postgres"))
 	sessions := map[int]bool{}
 	for end := time.Now().Add(3*relisten + relisten/2); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
-		rows, err := sconn.Query(t.Context(), "select pid from pg_stat_activity where application_name = 'lanes-standby-wait'")
+		rows, err := sconn.Query(t.Context(), "select pid from pg_stat_activity where datname = current_database() and application_name = 'lanes-standby-wait'")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -1308,7 +1308,7 @@ func TestFaultSigtermDuringSlowMigration(t *testing.T) {
 		t.Error("the stopped replica still holds the lane's lock")
 	}
 	testkit.Eventually(t, "the stopped replica's sessions end", 5*time.Second, func() bool {
-		return pgtest.Scalar[int](t, conn, "select count(*) from pg_stat_activity where application_name = $1", h.app) == 0
+		return pgtest.Scalar[int](t, conn, "select count(*) from pg_stat_activity where datname = current_database() and application_name = $1", h.app) == 0
 	})
 	var took time.Duration
 	testkit.Eventually(t, "the survivor takes the slow lane over", 60*time.Second, func() bool {

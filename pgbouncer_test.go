@@ -360,7 +360,7 @@ func TestPgBouncerTransactionModeTakeoverAfterSigkill(t *testing.T) {
 			return false
 		}
 		victimApp, epoch = app, e
-		return pgtest.Scalar[int](t, conn, "select count(*) from pg_stat_activity where application_name = $1 and state = 'active' and query like '%pg_sleep%'", app) == 1
+		return pgtest.Scalar[int](t, conn, "select count(*) from pg_stat_activity where datname = current_database() and application_name = $1 and state = 'active' and query like '%pg_sleep%'", app) == 1
 	})
 	victim := rs[victimApp]
 	if victim == nil {

@@ -232,7 +232,7 @@ func TestStalledLaneConnectionIsEndedByItsRenewer(t *testing.T) {
 	oldDone := make(chan result, 1)
 	go func() { r, err := old.Migrate(ctx, "slow"); oldDone <- result{r, err} }()
 	testkit.Eventually(t, "the applier's marked statement held by the proxy", time.Minute, func() bool {
-		return pgtest.Scalar[bool](t, conn, "select exists (select 1 from pg_stat_activity where application_name = 'old' and state = 'idle in transaction' and query like 'insert into runs%')")
+		return pgtest.Scalar[bool](t, conn, "select exists (select 1 from pg_stat_activity where datname = current_database() and application_name = 'old' and state = 'idle in transaction' and query like 'insert into runs%')")
 	})
 	stalled := time.Now()
 
@@ -293,7 +293,7 @@ func TestClientWorkInsideATransactionIsNotEnded(t *testing.T) {
 		go func() { r, err := m.Migrate(ctx, "slow"); results <- result{r, err} }()
 		if app == "applier" {
 			testkit.Eventually(t, "the applier works with its transaction open", time.Minute, func() bool {
-				return pgtest.Scalar[bool](t, conn, "select exists (select 1 from pg_stat_activity where application_name = 'applier' and state = 'idle in transaction' and query like 'create table work%')")
+				return pgtest.Scalar[bool](t, conn, "select exists (select 1 from pg_stat_activity where datname = current_database() and application_name = 'applier' and state = 'idle in transaction' and query like 'create table work%')")
 			})
 		}
 	}
