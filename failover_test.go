@@ -225,15 +225,7 @@ func TestServeWaitsThroughServerStartup(t *testing.T) {
 	admin.Close(context.Background())
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
-	standby, err := primary.StartStandby(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := standby.Stop(); err != nil {
-			t.Error(err)
-		}
-	})
+	standby := pgtest.StartStandby(t, primary, 5*time.Minute)
 	if err := standby.SetParams(map[string]string{"hot_standby": "off"}); err != nil {
 		t.Fatal(err)
 	}

@@ -753,17 +753,7 @@ func TestFaultNoLostSignalAcrossServerRestart(t *testing.T) {
 func TestFaultWaitOnHotStandbyFallsBackToPolling(t *testing.T) {
 	t.Parallel()
 	primary := startCluster(t, pgcluster.Options{})
-	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
-	defer cancel()
-	standby, err := primary.StartStandby(ctx)
-	if err != nil {
-		t.Fatalf("build a hot standby: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := standby.Stop(); err != nil {
-			t.Error(err)
-		}
-	})
+	standby := pgtest.StartStandby(t, primary, 2*time.Minute)
 	dir := testkit.WriteTree(t, map[string]string{
 		"fast/001_t.sql":     "create table t (i int);",
 		"slow/001_sleep.sql": "select pg_sleep(1);",

@@ -16,6 +16,7 @@ import (
 	"github.com/multilanes/lanes/app"
 	"github.com/multilanes/lanes/internal/logbuf"
 	"github.com/multilanes/lanes/internal/pgcluster"
+	"github.com/multilanes/lanes/internal/pgtest"
 	"github.com/multilanes/lanes/internal/testkit"
 	"github.com/multilanes/lanes/migrator"
 	"github.com/multilanes/lanes/notifier"
@@ -127,15 +128,7 @@ func TestReadOnlyServerIsReportedAndTheLaneAppliedOnPromotion(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
-	standby, err := primary.StartStandby(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := standby.Stop(); err != nil {
-			t.Error(err)
-		}
-	})
+	standby := pgtest.StartStandby(t, primary, 2*time.Minute)
 	se := clusterEnv(t, standby)
 	var log logbuf.Buffer
 	r := se.runtimeWith(func(cfg *app.Config) { cfg.Logger = zerolog.New(&log) }, fastLane, sqlSlowLane)

@@ -400,21 +400,7 @@ func TestWaitTrustsOnlyTheLaneHolder(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer holder.Close(context.Background())
-	lanes, err := migrator.LanesFromFS(os.DirFS(vars["LANES_MIGRATIONS"]), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := migrator.New(holder.Config(), lanes, migrator.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := m.LockKey(ctx, holder, "slow")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := holder.Exec(ctx, "select pg_advisory_lock($1)", key); err != nil {
-		t.Fatal(err)
-	}
+	lockLane(t, holder, vars, "slow")
 	e, _, stderr := testEnv(vars)
 	done := make(chan int, 1)
 	go func() { done <- run(ctx, []string{"wait", "--lane", "slow", "--timeout", "50s"}, e) }()
@@ -459,6 +445,28 @@ func TestWaitTrustsOnlyTheLaneHolder(t *testing.T) {
 	if !pgtest.Scalar[bool](t, spoofer, "select to_regclass('lanes_slow_version') is null") {
 		t.Fatal("the slow lane's version table exists; the test needs it untouched")
 	}
+}
+
+// lockLane takes the lock of lane (of the migrations in vars) on conn, as an applier holds it,
+// and returns its key.
+func lockLane(t *testing.T, conn *pgx.Conn, vars map[string]string, lane string) int64 {
+	t.Helper()
+	lanes, err := migrator.LanesFromFS(os.DirFS(vars["LANES_MIGRATIONS"]), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := migrator.New(conn.Config(), lanes, migrator.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := m.LockKey(t.Context(), conn, lane)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(t.Context(), "select pg_advisory_lock($1)", key); err != nil {
+		t.Fatal(err)
+	}
+	return key
 }
 
 func TestWaitDoesNotApply(t *testing.T) {

@@ -3,7 +3,6 @@ package cli
 import (
 	"context"
 	"encoding/json"
-	"os"
 	"strings"
 	"testing"
 
@@ -60,21 +59,7 @@ func TestHistoryAndForce(t *testing.T) {
 	if _, err := conn.Exec(ctx, "create table needs_repair (i int); insert into needs_repair values (1)"); err != nil {
 		t.Fatal(err)
 	}
-	lanes, err := migrator.LanesFromFS(os.DirFS(vars["LANES_MIGRATIONS"]), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := migrator.New(conn.Config(), lanes, migrator.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := m.LockKey(ctx, conn, "fast")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := conn.Exec(ctx, "select pg_advisory_lock($1)", key); err != nil {
-		t.Fatal(err)
-	}
+	key := lockLane(t, conn, vars, "fast")
 	res = runCLI(t, vars, "force", "--lane", "fast", "--version", "2")
 	if res.code != ExitError || !strings.Contains(res.stderr, "holds its lock") || !strings.Contains(res.stderr, "pid ") {
 		t.Fatalf("force while the lane is locked: %v", res)

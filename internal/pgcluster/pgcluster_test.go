@@ -14,6 +14,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/multilanes/lanes/internal/pgcluster"
+	"github.com/multilanes/lanes/internal/pgtest"
 )
 
 func TestMain(m *testing.M) {
@@ -181,15 +182,7 @@ func TestStandbyReplaysThePrimaryAndRefusesListen(t *testing.T) {
 	primary := startCluster(t, pgcluster.Options{BinDir: serverOnlyBinDir(t)})
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
-	standby, err := primary.StartStandby(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := standby.Stop(); err != nil {
-			t.Error(err)
-		}
-	})
+	standby := pgtest.StartStandby(t, primary, 2*time.Minute)
 	if standby.Port() == primary.Port() {
 		t.Fatalf("standby on the primary's port %d", primary.Port())
 	}

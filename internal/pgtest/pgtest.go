@@ -397,3 +397,21 @@ func startCluster() error {
 	server.backend, server.url, server.stop = backendCluster, c.ConnString("postgres"), c.Stop
 	return nil
 }
+
+// StartStandby starts a streaming standby of primary (see pgcluster.Cluster.StartStandby),
+// stopped when the test ends, and fails the test when it is not up within timeout.
+func StartStandby(t testing.TB, primary *pgcluster.Cluster, timeout time.Duration) *pgcluster.Cluster {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	standby, err := primary.StartStandby(ctx)
+	if err != nil {
+		t.Fatalf("start a standby: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := standby.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	return standby
+}
